@@ -1,0 +1,1 @@
+"""Code the scripts share: data, checkpoints, the training loop, logging and command-line helpers."""
