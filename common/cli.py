@@ -81,5 +81,7 @@ def run_main(main, args):
     except (UserError, CheckpointError) as e:
         if getattr(args, 'debug', False):
             traceback.print_exc()
-        sys.stderr.write(f'error: {e}\n')
+        # An error raised in a DataLoader worker arrives with the worker's traceback in front: keep the last line.
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        sys.stderr.write(f'error: {lines[-1]}\n')
         sys.exit(2)
