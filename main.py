@@ -98,13 +98,14 @@ def main(args):
         data = resume_state['data']
     else:
         data = dict(name=args.dataset, image_size=args.image_size, data_dir=os.path.abspath(args.data_dir),
-                    seed=args.seed)
+                    seed=args.seed, num_samples={'train': args.num_train, 'val': args.num_val})
     rank, world_size, device = setup_distributed(device)
     torch.manual_seed(args.seed + rank)
     datasets = {}
     for split in ('train', 'val'):
         datasets[split], info = build_dataset(data['name'], split, data['image_size'], data['data_dir'],
-                                              seed=data['seed'], download=rank == 0)
+                                              seed=data['seed'], download=rank == 0,
+                                              num_samples=data['num_samples'][split])
     data.update(image_size=info['image_size'], in_channels=info['in_channels'], num_classes=info['num_classes'])
 
     # Create model
@@ -141,6 +142,10 @@ def build_parser():
                              '(default: data)')
     parser.add_argument('--image_size', type=positive_int, default=None,
                         help='square image size (default: 32; 64 for imagefolder)')
+    parser.add_argument('--num_train', type=positive_int, default=None,
+                        help='use only this many training images, e.g. for quick runs (default: all; shapes: 20000)')
+    parser.add_argument('--num_val', type=positive_int, default=None,
+                        help='use only this many validation images (default: all; shapes: 2000, others: 5000)')
     model = parser.add_argument_group('model (defaults: the preset; the default preset is 128 hidden channels, '
                                       '2 residual blocks of 32, 512 codes of dim 64, downsampling x4)')
     for name in ('hidden_channels', 'num_res_blocks', 'res_channels', 'num_embeddings', 'embedding_dim'):

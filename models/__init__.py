@@ -7,7 +7,7 @@ Notebook use:
     images = prior.sample_with_vqvae2(vqvae2, batch_size=16)   # [16, C, S, S] in [-1, 1]
 """
 
-from .checkpoint import CheckpointError, file_sha256, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, atomic_save, file_sha256, load_checkpoint, save_checkpoint
 from .pixelcnn_prior import (PRIOR_PRESETS, GatedResBlock, HierarchicalPixelCNN, MaskedConv2d, PixelCNN,
                              sample_from_logits)
 from .quantizer import VectorQuantizer
@@ -42,5 +42,5 @@ def load_model(path, device='cpu', kinds=None):
 
 __all__ = ['VQVAE', 'VQVAE2', 'VectorQuantizer', 'MaskedConv2d', 'GatedResBlock', 'PixelCNN', 'HierarchicalPixelCNN',
            'build_model', 'load_model', 'model_from_checkpoint', 'load_checkpoint', 'save_checkpoint',
-           'file_sha256', 'sample_from_logits', 'CheckpointError', 'MODELS', 'VQVAE_PRESETS', 'VQVAE2_PRESETS',
+           'file_sha256', 'atomic_save', 'sample_from_logits', 'CheckpointError', 'MODELS', 'VQVAE_PRESETS', 'VQVAE2_PRESETS',
            'PRIOR_PRESETS']

@@ -21,8 +21,15 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(state, path):
-    """Write `state` to `path` atomically: a temporary file in the same folder, flushed, then renamed over `path`."""
-    state = {'format_version': FORMAT_VERSION, **state}
+    """Write a checkpoint dict to `path` atomically, stamped with the format version."""
+    atomic_save({'format_version': FORMAT_VERSION, **state}, path)
+
+
+def atomic_save(state, path):
+    """torch.save to a temporary file in the same folder, flushed to disk, then renamed over `path`.
+
+    A kill at any moment leaves either the old file or the new one, never a truncated one.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp_path = tempfile.mkstemp(prefix='.tmp_', suffix='.pth', dir=folder)
     try:

@@ -351,21 +351,23 @@ class HierarchicalPixelCNN(nn.Module):
         self.prior_bottom = PixelCNN(cond_channels=cond_channels, **level_args)
         self.conditioner = TopConditioner(num_embeddings, embedding_dim, cond_channels, conditioner_res_blocks)
 
-    def forward(self, codes_top, codes_bottom, class_labels=None):
-        """(codes_top [B, h, w], codes_bottom [B, H, W]) -> (logits_top [B, K, h, w], logits_bottom [B, K, H, W])."""
-        cond = self.conditioner(codes_top, codes_bottom.shape[1:])
-        return (self.prior_top(codes_top, class_labels=class_labels),
-                self.prior_bottom(codes_bottom, cond, class_labels))
+    def forward(self, codes_top, codes_bottom, class_labels=None, levels=('top', 'bottom')):
+        """(codes_top [B, h, w], codes_bottom [B, H, W]) -> (logits_top [B, K, h, w], logits_bottom [B, K, H, W]).
+
+        A level left out of `levels` is not computed and comes back as None.
+        """
+        logits_top = self.prior_top(codes_top, class_labels=class_labels) if 'top' in levels else None
+        logits_bottom = None
+        if 'bottom' in levels:
+            cond = self.conditioner(codes_top, codes_bottom.shape[1:])
+            logits_bottom = self.prior_bottom(codes_bottom, cond, class_labels)
+        return logits_top, logits_bottom
 
     def loss(self, codes_top, codes_bottom, class_labels=None, levels=('top', 'bottom')):
         """Mean cross-entropy in nats per code for each requested level, as a dict {'top': ..., 'bottom': ...}."""
-        losses = {}
-        if 'top' in levels:
-            losses['top'] = self.prior_top.loss(codes_top, class_labels=class_labels)
-        if 'bottom' in levels:
-            cond = self.conditioner(codes_top, codes_bottom.shape[1:])
-            losses['bottom'] = self.prior_bottom.loss(codes_bottom, cond, class_labels)
-        return losses
+        logits = dict(zip(('top', 'bottom'), self(codes_top, codes_bottom, class_labels, levels)))
+        codes = {'top': codes_top, 'bottom': codes_bottom}
+        return {level: F.cross_entropy(logits[level], codes[level]) for level in levels}
 
     @torch.no_grad()
     def sample(self, batch_size, top_shape, bottom_shape, temperature=1.0, top_k=None, class_labels=None,
