@@ -19,7 +19,7 @@ from common.data import DATASETS, build_dataset, denormalize
 from common.distributed import all_reduce_sum, cleanup_distributed, setup_distributed
 from common.errors import UserError
 from common.tracking import add_wandb_flags
-from common.trainer import Task, add_training_flags, train
+from common.trainer import Task, add_training_flags, apply_resume_flags, train
 from models import VQVAE, VQVAE2_PRESETS, VQVAE_PRESETS, build_model, load_checkpoint
 
 ARCHS = {'vq_vae': VQVAE_PRESETS, 'vq_vae2': VQVAE2_PRESETS}
@@ -95,6 +95,7 @@ def main(args):
     if args.resume:
         resume_state = load_checkpoint(args.resume, kinds=tuple(ARCHS))
         args.arch = resume_state['kind']
+        apply_resume_flags(args, resume_state)
         data = resume_state['data']
     else:
         data = dict(name=args.dataset, image_size=args.image_size, data_dir=os.path.abspath(args.data_dir),

@@ -19,7 +19,7 @@ from .data import denormalize
 from .distributed import all_reduce_sum, barrier, cleanup_distributed, setup_distributed
 from .errors import UserError
 from .tracking import add_wandb_flags
-from .trainer import Task, add_training_flags, train
+from .trainer import Task, add_training_flags, apply_resume_flags, train
 
 LOG2 = math.log(2)
 
@@ -63,6 +63,8 @@ def train_prior(args, vq_path, vq_kind, prior_kind, code_names, losses, sample_i
     device = resolve_device(args.device)
     vq_state = load_checkpoint(vq_path, kinds=(vq_kind,))
     resume_state = load_checkpoint(args.resume, kinds=(prior_kind,)) if args.resume else None
+    if resume_state is not None:
+        apply_resume_flags(args, resume_state)
     rank, world_size, device = setup_distributed(device)
     vq_model = model_from_checkpoint(vq_state, device).requires_grad_(False)
     data = dict(vq_state['data'])

@@ -9,13 +9,11 @@ import os
 import sys
 
 import torch
-from torchvision.utils import save_image
 from tqdm import tqdm
 
 from models import CheckpointError, file_sha256, load_checkpoint, model_from_checkpoint
 
 from .cli import add_common_flags, positive_float, positive_int
-from .data import denormalize
 from .errors import UserError
 
 PRIOR_ENTRIES = ('num_embeddings', 'code_shape', 'vq_checkpoint')  # what a stage-2 script records beside the model
@@ -86,7 +84,7 @@ def load_pair(vq_path, prior_path, vq_kind, prior_kind, device, class_label=None
 
 
 def class_labels(prior, class_label, num_samples):
-    """Labels [N] for a class-conditional prior (`class_label`, or every class in turn), None for an unconditional one."""
+    """Labels [N] for a class-conditional prior (`class_label`, else every class in turn); None if unconditional."""
     if prior.num_classes is None:
         return None
     if class_label is None:
@@ -126,6 +124,12 @@ def sampling_settings(args):
 
 def save_outputs(out_dir, images, codes, save_individual, settings):
     """Write samples.png (a square-ish grid), codes.pt (codes + settings) and, if asked, one PNG per sample."""
+    # Imported here, not at the top: torchvision takes seconds to load, which a run that stops at a bad flag or
+    # checkpoint should not have to wait for.
+    from torchvision.utils import save_image
+
+    from .data import denormalize
+
     images = denormalize(images)  # [N, C, S, S] in [0, 1]
     save_image(images, os.path.join(out_dir, 'samples.png'), nrow=math.ceil(math.sqrt(len(images))))
     if save_individual:

@@ -98,6 +98,23 @@ def build_lr_scheduler(optimizer, schedule, total_steps):
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)))
 
 
+# Flags that fix the data order and the optimisation; --resume takes them from the checkpoint, so that a resumed run
+# continues the same run. --epochs and --max_steps stay as given, to allow training for longer.
+RESUMED_FLAGS = ('batch_size', 'lr', 'lr_schedule', 'seed', 'amp')
+
+
+def apply_resume_flags(args, state):
+    """Take RESUMED_FLAGS from the checkpoint, saying which ones changed; write next to the resumed checkpoint."""
+    args.out_dir = os.path.dirname(os.path.abspath(args.resume))
+    changed = [f'--{name} {state["args"][name]}' for name in RESUMED_FLAGS
+               if name in state['args'] and getattr(args, name) != state['args'][name]]
+    for name in RESUMED_FLAGS:
+        if name in state['args']:
+            setattr(args, name, state['args'][name])
+    if changed:
+        print(f'resuming with the checkpoint\'s {", ".join(changed)}')
+
+
 def _autocast(device, amp):
     """An autocast context for --amp (a disabled one for 'none')."""
     dtype = {'bf16': torch.bfloat16, 'fp16': torch.float16}.get(amp, torch.float32)
@@ -144,6 +161,10 @@ def train(args, task, rank, world_size, device, resume_state=None):
             model, device_ids=[device.index] if device.type == 'cuda' else None,
             find_unused_parameters=task.find_unused_parameters)
     tracker = Tracker(args, vars(args), enabled=is_main, run_id=run_id)
+    if is_main:  # temporary files of a save that was killed half-way
+        for name in os.listdir(args.out_dir):
+            if name.startswith('.tmp_') and name.endswith('.pth'):
+                os.remove(os.path.join(args.out_dir, name))
 
     def save(name, metrics):
         state = {'kind': task.kind, 'config': raw_model.config, 'model': raw_model.state_dict(),

@@ -108,6 +108,10 @@ class VectorQuantizer(nn.Module):
         """One EMA step of cluster sizes and sums (summed over DDP ranks), Laplace smoothing, then dead-code restarts."""
         counts = _all_reduce(one_hot.sum(0))  # [K]
         sums = _all_reduce(one_hot.t() @ flat)  # [K, D]
+        # Every vector lands in one row of the (all-reduced) sums, so all ranks agree whether a NaN/inf came in. Such a
+        # batch must leave the codebook as it was: the trainer then stops with the state before it, or skips it.
+        if not torch.isfinite(sums).all():
+            return
         self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
         self.embed_avg.mul_(self.decay).add_(sums, alpha=1 - self.decay)
         # Laplace smoothing keeps a code that received nothing from dividing by zero.
