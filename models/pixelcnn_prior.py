@@ -157,7 +157,8 @@ def sample_from_logits(logits, temperature=1.0, top_k=None, generator=None):
     cdf = logits.softmax(dim=1).cumsum(dim=1)
     uniform = torch.rand(logits.shape[0], 1, generator=generator,
                          device=generator.device if generator is not None else logits.device)
-    uniform = uniform.to(logits.device) * cdf[:, -1:]
+    # 1 - U lies in (0, 1], so a code of probability zero (outside the top k, or underflowed) is never picked.
+    uniform = (1 - uniform.to(logits.device)) * cdf[:, -1:]
     return (cdf < uniform).sum(dim=1).clamp_(max=logits.shape[1] - 1)
 
 
@@ -328,8 +329,8 @@ class TopConditioner(nn.Module):
 class HierarchicalPixelCNN(nn.Module):
     """Two-level prior for VQ-VAE-2: `prior_top` over the top codes, `prior_bottom` over the bottom codes given the top.
 
-    The bottom prior sees every top code, through `conditioner`, in every gated block; both levels may be
-    class-conditional.
+    The bottom prior sees the top codes through `conditioner` (convolutions over the top codes upsampled to the
+    bottom grid), added in every gated block; both levels may be class-conditional.
     """
 
     kind = 'hierarchical_pixelcnn'

@@ -16,14 +16,29 @@ from models import (VQVAE, VQVAE2, CheckpointError, VectorQuantizer, load_checkp
 TINY = dict(hidden_channels=16, res_channels=8, num_res_blocks=1, num_embeddings=32, embedding_dim=8)
 
 
-def tiny_model(cls, **overrides):
+def tiny_model(cls, spread=False, **overrides):
+    """A small model; `spread`: after one training forward, whose dead-code restarts move the codebooks onto encoder
+    outputs (a fresh model maps every vector to the same code, which would make code round trips vacuous)."""
     torch.manual_seed(0)
-    return cls(**{**TINY, **overrides})
+    model = cls(**{**TINY, **overrides})
+    if spread:
+        size = model.image_size
+        model.train()(torch.rand(4, model.config['in_channels'], size, size) * 2 - 1)
+    return model
 
 
 def vectors_to_map(vectors):
     """Rows [N, D] -> feature map [1, D, 1, N], whose flattened order (B, H, W) is the row order."""
     return vectors.t()[None, :, None, :].contiguous()
+
+
+@pytest.fixture(autouse=True, scope='module')
+def single_thread():
+    """These models are tiny: one thread is fastest, and spared the OpenMP wake-ups that stall a busy 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # -----------------------------------------------------------------------------
@@ -195,8 +210,9 @@ def test_perplexity_and_code_usage():
 
 @pytest.mark.parametrize('image_size, in_channels', [(32, 3), (64, 3), (28, 1)])
 def test_vqvae_code_indices_shape(image_size, in_channels):
-    model = tiny_model(VQVAE, in_channels=in_channels, image_size=image_size).eval()
+    model = tiny_model(VQVAE, spread=True, in_channels=in_channels, image_size=image_size).eval()
     codes = model.get_code_indices(torch.rand(2, in_channels, image_size, image_size) * 2 - 1)
+    assert len(codes.unique()) > 1
     assert codes.dtype == torch.long
     assert tuple(codes.shape) == (2, *model.code_shape())
     assert model.code_shape() == (image_size // 4, image_size // 4)
@@ -205,13 +221,13 @@ def test_vqvae_code_indices_shape(image_size, in_channels):
 
 @pytest.mark.parametrize('image_size', [32, 64])
 def test_vqvae2_code_indices_shape(image_size):
-    model = tiny_model(VQVAE2, image_size=image_size).eval()
+    model = tiny_model(VQVAE2, spread=True, image_size=image_size).eval()
     codes_top, codes_bottom = model.get_code_indices(torch.rand(2, 3, image_size, image_size) * 2 - 1)
     top_shape, bottom_shape = model.code_shape()
     assert top_shape == (image_size // 8, image_size // 8) and bottom_shape == (image_size // 4, image_size // 4)
     assert tuple(codes_top.shape) == (2, *top_shape) and tuple(codes_bottom.shape) == (2, *bottom_shape)
     for codes in (codes_top, codes_bottom):
-        assert codes.dtype == torch.long
+        assert codes.dtype == torch.long and len(codes.unique()) > 1
         assert codes.min() >= 0 and codes.max() < model.num_embeddings
 
 
@@ -236,19 +252,21 @@ def test_sizes_the_downsampling_cannot_take_are_refused():
 
 
 def test_vqvae_decode_codes_equals_decode_of_quantized():
-    model = tiny_model(VQVAE).eval()
+    model = tiny_model(VQVAE, spread=True).eval()
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.no_grad():
         quantized, codes, _ = model.encode(x)
+        assert len(codes.unique()) > 5
         assert torch.equal(codes, model.get_code_indices(x))
         torch.testing.assert_close(model.decode_codes(codes), model.decode(quantized), rtol=0, atol=1e-5)
 
 
 def test_vqvae2_decode_codes_equals_decode_of_quantized():
-    model = tiny_model(VQVAE2).eval()
+    model = tiny_model(VQVAE2, spread=True).eval()
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.no_grad():
         quant_top, quant_bottom, codes_top, codes_bottom, _ = model.encode(x)
+        assert len(codes_top.unique()) > 5 and len(codes_bottom.unique()) > 5
         got_top, got_bottom = model.get_code_indices(x)
         assert torch.equal(got_top, codes_top) and torch.equal(got_bottom, codes_bottom)
         torch.testing.assert_close(model.decode_codes(codes_top, codes_bottom), model.decode(quant_top, quant_bottom),
@@ -258,17 +276,11 @@ def test_vqvae2_decode_codes_equals_decode_of_quantized():
 # -----------------------------------------------------------------------------
 # Checkpoints
 
-def trained_state(model):
-    """A checkpoint dict of `model` after one training forward, so that the EMA buffers differ from their init."""
-    model.train()(torch.rand(2, model.config['in_channels'], 32, 32) * 2 - 1)
-    return {'kind': model.kind, 'config': model.config, 'model': model.state_dict()}
-
-
 @pytest.mark.parametrize('cls', [VQVAE, VQVAE2])
 def test_checkpoint_round_trip_rebuilds_an_identical_model(cls, tmp_path):
-    model = tiny_model(cls)
+    model = tiny_model(cls, spread=True)  # trained a step, so the EMA buffers differ from a fresh model's
     path = tmp_path / 'model.pth'
-    save_checkpoint(trained_state(model), path)
+    save_checkpoint({'kind': model.kind, 'config': model.config, 'model': model.state_dict()}, path)
 
     raw = torch.load(path, weights_only=True)
     assert raw['kind'] == cls.kind and raw['config'] == model.config
