@@ -44,9 +44,9 @@ def positive_float(text):
     return value
 
 
-def add_common_flags(parser, out_dir):
+def add_common_flags(parser, out_dir, out_dir_help='folder for checkpoints and images'):
     """Flags every script shares: output folder, device, seed, debug."""
-    parser.add_argument('--out_dir', default=out_dir, help=f'folder for checkpoints and images (default: {out_dir})')
+    parser.add_argument('--out_dir', default=out_dir, help=f'{out_dir_help} (default: {out_dir})')
     parser.add_argument('--device', default='auto', choices=['auto', 'cpu', 'cuda'],
                         help='auto picks cuda when available (default: auto)')
     parser.add_argument('--seed', type=int, default=0, help='random seed (default: 0)')

@@ -37,7 +37,7 @@ def add_sampling_flags(parser, name):
     parser.add_argument('--naive', action='store_true',
                         help='use the slow reference sampler (one forward pass per code), to check the cached one; '
                              'it draws the same codes (default: off)')
-    add_common_flags(parser, out_dir=f'samples/{name}')
+    add_common_flags(parser, out_dir=f'samples/{name}', out_dir_help='folder for samples.png, codes.pt and sample PNGs')
 
 
 def grid_text(shape):

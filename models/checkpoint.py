@@ -8,6 +8,7 @@ needed to rebuild the model.
 import hashlib
 import os
 import pickle
+import re
 import tempfile
 
 import torch
@@ -50,11 +51,13 @@ def load_checkpoint(path, kinds=None, map_location='cpu'):
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f'{path} was refused by the safe loader (weights_only=True), so it was not loaded: '
-                              f'{first_line}') from e
+        found = re.search(r'Unsupported global: GLOBAL ([\w.]+)', str(e))
+        if found is None:  # the weights-only unpickler also rejects plain garbage, with a misleading message
+            raise CheckpointError(f'{path} is not a readable checkpoint (corrupt, truncated, or not a .pth file)') from e
+        raise CheckpointError(f'{path} was refused by the safe loader (weights_only=True): its pickle calls '
+                              f'{found.group(1)}, which a checkpoint of this repo never does; not loaded') from e
     except Exception as e:  # torch.load reports damaged files with many exception types
-        raise CheckpointError(f'{path} is not a readable checkpoint (corrupt or truncated?): '
+        raise CheckpointError(f'{path} is not a readable checkpoint (corrupt, truncated, or not a .pth file): '
                               f'{type(e).__name__}') from e
     if not isinstance(state, dict) or 'kind' not in state or 'config' not in state or 'model' not in state:
         raise CheckpointError(f'{path} is not a checkpoint of this repo (no kind/config/model entries)')
