@@ -106,7 +106,7 @@ def main(args):
     for split in ('train', 'val'):
         datasets[split], info = build_dataset(data['name'], split, data['image_size'], data['data_dir'],
                                               seed=data['seed'], download=rank == 0,
-                                              num_samples=data['num_samples'][split])
+                                              num_samples=data.get('num_samples', {}).get(split))
     data.update(image_size=info['image_size'], in_channels=info['in_channels'], num_classes=info['num_classes'])
 
     # Create model
