@@ -16,7 +16,7 @@ from torchvision.utils import save_image
 from common.cli import (ArgumentParser, add_common_flags, positive_float, positive_int, prepare_out_dir,
                         resolve_device, run_main)
 from common.data import DATASETS, build_dataset, denormalize
-from common.distributed import all_reduce_sum, cleanup_distributed, setup_distributed
+from common.distributed import all_reduce_sum, barrier, cleanup_distributed, setup_distributed
 from common.errors import UserError
 from common.tracking import add_wandb_flags
 from common.trainer import Task, add_training_flags, apply_resume_flags, train
@@ -103,10 +103,13 @@ def main(args):
     rank, world_size, device = setup_distributed(device)
     torch.manual_seed(args.seed + rank)
     datasets = {}
-    for split in ('train', 'val'):
-        datasets[split], info = build_dataset(data['name'], split, data['image_size'], data['data_dir'],
-                                              seed=data['seed'], download=rank == 0,
-                                              num_samples=data.get('num_samples', {}).get(split))
+    for turn in (0, 1):  # rank 0 downloads first, then the other ranks read what it fetched
+        if (rank == 0) == (turn == 0):
+            for split in ('train', 'val'):
+                datasets[split], info = build_dataset(data['name'], split, data['image_size'], data['data_dir'],
+                                                      seed=data['seed'], download=rank == 0,
+                                                      num_samples=data.get('num_samples', {}).get(split))
+        barrier()
     data.update(image_size=info['image_size'], in_channels=info['in_channels'], num_classes=info['num_classes'])
 
     # Create model

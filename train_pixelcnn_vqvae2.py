@@ -3,8 +3,8 @@
 Example:
     python train_pixelcnn_vqvae2.py --vqvae2_checkpoint runs/vq_vae2/best.pth --epochs 20
 
-Both levels train into one HierarchicalPixelCNN checkpoint; `--level top` or `--level bottom` trains one of them
-(for example on separate GPUs) and `--resume` can then continue with the other. The dataset, image size and code
+Both levels train into one HierarchicalPixelCNN checkpoint; `--level top` or `--level bottom` trains only one of
+them (the other keeps its weights), and `--resume` with the other level continues in the same checkpoint. The dataset, image size and code
 grids come from the VQ-VAE-2 checkpoint, which stays frozen; codes are cached next to it.
 """
 

@@ -111,7 +111,10 @@ def train_prior(args, vq_path, vq_kind, prior_kind, code_names, losses, sample_i
         codes, labels = unpack(batch)
         level_losses = losses(model, codes, labels, 'mean')
         loss = sum(level_losses.values())
-        return loss, {'bits_per_code': loss.detach() / LOG2 / len(level_losses),
+        # Weighted by the number of codes per level, like the validation figure.
+        sizes = {lv: codes[f'codes{lv}'][0].numel() for lv in level_losses}
+        mean_nats = sum(level_losses[lv].detach() * sizes[lv] for lv in sizes) / sum(sizes.values())
+        return loss, {'bits_per_code': mean_nats / LOG2,
                       **{f'bits{lv}': v.detach() / LOG2 for lv, v in level_losses.items() if lv}}
 
     def evaluate(model, loader):

@@ -2,7 +2,7 @@
 
 Raster order: position (i, j) comes before (i', j') when i < i', or i == i' and j < j'. The logits at (i, j) may depend
 only on codes strictly before (i, j), on the class label and on a spatial conditioning map (for the bottom level of
-the hierarchical prior: all of the top codes).
+the hierarchical prior: a convolutional map of the top codes).
 
 The network is a gated PixelCNN (van den Oord et al. 2016) with two stacks, which has no blind spot:
 - the vertical stack's features at (i, j) see only rows < i, over a window that widens with depth, so positions
