@@ -130,6 +130,9 @@ def train(args, task, rank, world_size, device, resume_state=None):
     if len(task.train_set) < args.batch_size:
         raise UserError(f'the training set has {len(task.train_set)} items, fewer than --batch_size '
                         f'{args.batch_size}; lower --batch_size')
+    if len(task.val_set) < world_size:  # every rank validates a shard of its own, and none may be empty
+        raise UserError(f'the validation set has {len(task.val_set)} items, fewer than the {world_size} processes; '
+                        f'use more validation images or fewer processes')
     raw_model = task.model.to(device)
     sampler = EpochBatchSampler(len(task.train_set), args.batch_size, rank, world_size, args.seed)
     # A private generator keeps the loader from drawing on the global RNG, which must replay exactly on resume.

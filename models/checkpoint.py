@@ -51,7 +51,7 @@ def load_checkpoint(path, kinds=None, map_location='cpu'):
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        found = re.search(r'Unsupported global: GLOBAL ([\w.]+)', str(e))
+        found = re.search(r'GLOBAL ([\w.]+)', str(e))
         if found is None:  # the weights-only unpickler also rejects plain garbage, with a misleading message
             raise CheckpointError(f'{path} is not a readable checkpoint (corrupt, truncated, or not a .pth file)') from e
         raise CheckpointError(f'{path} was refused by the safe loader (weights_only=True): its pickle calls '

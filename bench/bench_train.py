@@ -1,0 +1,243 @@
+"""Time training steps on the CPU: stage-1 images/s (VQ-VAE, VQ-VAE-2) and stage-2 codes/s (the PixelCNN priors).
+
+Example:
+    python bench/bench_train.py            # default model sizes; about 5 minutes on a busy 2-core machine
+    python bench/bench_train.py --steps 10 --max_seconds 60   # steadier numbers, on a quiet machine
+    python bench/bench_train.py --quick    # tiny models, a smoke test
+
+A step is what common/trainer.py does: forward under autocast, backward, Adam step (DDP when there are 2 processes).
+Inputs are random tensors already in memory (32x32 RGB images; codes from an untrained VQ model, on 8x8 or 4x4 + 8x8
+grids), so data loading is not timed; neither are the --warmup steps. The global batch is the same in every column.
+Compared:
+  (a) 1 process x 1 thread; 1 process x 2 threads (torch.set_num_threads); 2 processes x 1 thread, each taking half of
+      the global batch under DDP over gloo, as torchrun runs the scripts;
+  (b) --amp none against bf16 autocast, in 1 process with 1 thread;
+  (c) a prior trained on cached codes (what the scripts do) against one that encodes the images with the frozen VQ
+      model in every step, in 1 process with 1 thread.
+(b) and (c) use 1 thread because on a shared machine a second OpenMP thread that waits for a busy core can slow a step
+down many times over, which would hide what is compared.
+codes/s counts the codes the prior is trained on: 64 per 8x8 grid, 16 + 64 per 4x4 + 8x8 pair. A GPU column is not
+measured: this machine has no GPU.
+"""
+
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for models/
+
+from bench_sampling import cpu_model  # noqa: E402
+from common.cli import ArgumentParser, positive_float, positive_int  # noqa: E402
+from models import build_model  # noqa: E402
+
+QUICK_VQ = dict(hidden_channels=16, res_channels=8, num_embeddings=32, embedding_dim=8)
+QUICK_PRIOR = dict(hidden_channels=16, num_layers=2, embedding_dim=8)
+# name -> (unit, VQ model kind, prior kind or None, encode the images in every step)
+WORKLOADS = {
+    'vq_vae': ('images/s', 'vq_vae', None, False),
+    'vq_vae2': ('images/s', 'vq_vae2', None, False),
+    'pixelcnn': ('codes/s', 'vq_vae', 'pixelcnn', False),
+    'hierarchical_pixelcnn': ('codes/s', 'vq_vae2', 'hierarchical_pixelcnn', False),
+    'pixelcnn, encoding': ('codes/s', 'vq_vae', 'pixelcnn', True),
+    'hierarchical_pixelcnn, encoding': ('codes/s', 'vq_vae2', 'hierarchical_pixelcnn', True),
+}
+PARALLEL = ('vq_vae', 'vq_vae2', 'pixelcnn', 'hierarchical_pixelcnn')  # the workloads of tables (a) and (b)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One workload
+
+def build(name, batch_size, quick):
+    """(model to train, loss(model) for one step, items per step): the step's inputs are made here, once."""
+    _, vq_kind, prior_kind, encode = WORKLOADS[name]
+    torch.manual_seed(0)
+    vq_model = build_model(vq_kind, QUICK_VQ if quick else {})
+    images = torch.rand(batch_size, 3, 32, 32) * 2 - 1  # [B, 3, 32, 32] in [-1, 1]
+    if prior_kind is None:
+        return vq_model, lambda model: model(images)[1]['loss'], batch_size
+
+    vq_model.eval().requires_grad_(False)
+    prior = build_model(prior_kind, {**(QUICK_PRIOR if quick else {}), 'num_embeddings': vq_model.num_embeddings})
+
+    def codes():
+        with torch.no_grad():
+            codes = vq_model.get_code_indices(images)  # [B, 8, 8] or ([B, 4, 4], [B, 8, 8])
+        return codes if isinstance(codes, tuple) else (codes,)
+
+    cached = codes()
+
+    def loss(model):
+        grids = codes() if encode else cached
+        logits = model(*grids)  # called through DDP's forward, which prepares the gradient all-reduce
+        logits = logits if isinstance(logits, tuple) else (logits,)
+        return sum(F.cross_entropy(level_logits, level_codes) for level_logits, level_codes in zip(logits, grids))
+
+    return prior, loss, sum(grid[0].numel() for grid in cached) * batch_size
+
+
+def seconds_per_step(model, loss, amp, args, barrier=None):
+    """(seconds per step, whether the warm-up step's time stands in because it alone took over --max_seconds).
+
+    In one process the timed steps stop early once they took --max_seconds (after one at least). Under DDP every rank
+    must take the same steps, so all of them run, and `barrier` lines the ranks up around them.
+    """
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-4)
+
+    def step():
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=amp == 'bf16'):
+            value = loss(model)
+        optimizer.zero_grad(set_to_none=True)
+        value.backward()
+        optimizer.step()
+
+    start = time.perf_counter()
+    for _ in range(args.warmup):
+        step()
+    warmup = (time.perf_counter() - start) / args.warmup
+    if barrier is None and warmup > args.max_seconds:
+        return warmup, True
+    if barrier is not None:
+        barrier()
+    start = time.perf_counter()
+    for done in range(1, args.steps + 1):
+        step()
+        if barrier is None and time.perf_counter() - start > args.max_seconds:
+            break
+    if barrier is not None:
+        barrier()
+    return (time.perf_counter() - start) / done, False
+
+
+def measure(name, args, threads, amp='none'):
+    """Throughput of one workload in this process: (items/s, whether the warm-up step's time stands in)."""
+    torch.set_num_threads(threads)
+    model, loss, items = build(name, batch_of(name, args), args.quick)
+    seconds, estimated = seconds_per_step(model, loss, amp, args)
+    return items / seconds, estimated
+
+
+def batch_of(name, args):
+    """The global batch size of a workload."""
+    return args.prior_batch if WORKLOADS[name][2] else args.vq_batch
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Two processes
+
+def ddp_worker(rank, world_size, port, args, results_path):
+    """Time every workload of PARALLEL under DDP with half of the global batch; rank 0 writes items/s to a file."""
+    torch.set_num_threads(1)
+    # The PixelCNN's 1x1-conv weight gradients are contiguous but carry other strides on their size-1 dimensions than
+    # DDP's buckets; DDP warns once per rank, though the memory order is the same and costs nothing.
+    warnings.filterwarnings('ignore', message='Grad strides do not match bucket view strides')
+    dist.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=world_size)
+    try:
+        results = {}
+        for name in PARALLEL:
+            model, loss, items = build(name, batch_of(name, args) // world_size, args.quick)
+            seconds, _ = seconds_per_step(DistributedDataParallel(model), loss, 'none', args, dist.barrier)
+            results[name] = items * world_size / seconds
+        if rank == 0:
+            with open(results_path, 'w') as f:
+                json.dump(results, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def measure_two_processes(args):
+    """{workload: items/s} with 2 gloo processes of 1 thread each."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, 'results.json')
+        mp.start_processes(ddp_worker, args=(2, port, args, path), nprocs=2, start_method='spawn')
+        with open(path) as f:
+            return json.load(f)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Report
+
+def rate_text(rate, estimated=False, reference=None):
+    """'1234', '~12' when the warm-up step's time stands in, plus ' (1.5x)' against a reference rate."""
+    text = ('~' if estimated else '') + (f'{rate:.0f}' if rate >= 10 else f'{rate:.2g}')
+    return text + (f' ({rate / reference:.2g}x)' if reference else '')
+
+
+def native_bf16():
+    """Whether the CPU advertises bf16 instructions (AVX512-BF16 or AMX); without them bf16 is emulated."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            flags = next((line for line in f if line.startswith('flags')), '').split()
+    except OSError:
+        return False
+    return 'avx512_bf16' in flags or 'amx_bf16' in flags
+
+
+def main(args):
+    # Setup
+    if args.quick:
+        args.vq_batch, args.prior_batch, args.steps = min(args.vq_batch, 8), min(args.prior_batch, 8), 1
+    started = time.time()
+    print(f'torch {torch.__version__}, {torch.get_num_threads()} thread(s) by default, CPU: {cpu_model()} '
+          f'({os.cpu_count()} logical cores), native bf16: {"yes" if native_bf16() else "no"}, '
+          f'load average {os.getloadavg()[0]:.1f} at the start')
+    print(f'{"tiny test models" if args.quick else "default model sizes"}; 32x32 images; global batch '
+          f'{args.vq_batch} (stage 1), {args.prior_batch} (stage 2); {args.warmup} warm-up + up to {args.steps} timed '
+          f'step(s) each; Adam, float32 weights\n', flush=True)
+
+    # Measure
+    one = {name: measure(name, args, threads=1) for name in PARALLEL}
+    two_threads = {name: measure(name, args, threads=2) for name in PARALLEL}
+    two_processes = measure_two_processes(args)
+    bf16 = {name: measure(name, args, threads=1, amp='bf16') for name in PARALLEL}
+    encoding = {name: measure(f'{name}, encoding', args, threads=1) for name in PARALLEL if WORKLOADS[name][2]}
+
+    # (a) and (b)
+    print('| workload | global batch | unit | 1 proc x 1 thread | 1 proc x 2 threads | 2 procs x 1 thread (DDP, gloo) '
+          '| bf16 autocast, 1 proc x 1 thread |')
+    print('|---|---|---|---|---|---|---|')
+    for name in PARALLEL:
+        reference = one[name][0]
+        print(f'| {name} | {batch_of(name, args)} | {WORKLOADS[name][0]} | {rate_text(*one[name])} | '
+              f'{rate_text(*two_threads[name], reference)} | {rate_text(two_processes[name], False, reference)} | '
+              f'{rate_text(*bf16[name], reference)} |')
+
+    # (c)
+    print('\n| prior | global batch | codes/s, cached codes | codes/s, VQ encoding every step | cached / encoding |')
+    print('|---|---|---|---|---|')
+    for name, (rate, estimated) in encoding.items():
+        print(f'| {name} | {args.prior_batch} | {rate_text(*one[name])} | {rate_text(rate, estimated)} | '
+              f'{one[name][0] / rate:.2f}x |')
+    print(f'\nRatios in brackets: against 1 proc x 1 thread, --amp none. Table (c) runs in 1 process x 1 thread. '
+          f'~: the warm-up step alone took over {args.max_seconds:g} s, so its time stands in for timed steps. '
+          f'GPU: not measured, this machine has none. Took {time.time() - started:.0f} s.')
+
+
+if __name__ == '__main__':
+    parser = ArgumentParser(description='Time training steps of every stage on the CPU.')
+    parser.add_argument('--steps', type=positive_int, default=3, help='timed steps per measurement (default: 3)')
+    parser.add_argument('--warmup', type=positive_int, default=1, help='untimed steps first (default: 1)')
+    parser.add_argument('--vq_batch', type=positive_int, default=64, help='stage-1 global batch, even (default: 64)')
+    parser.add_argument('--prior_batch', type=positive_int, default=32,
+                        help='stage-2 global batch, even; 32 keeps the default run near 5 minutes (default: 32)')
+    parser.add_argument('--max_seconds', type=positive_float, default=10.0,
+                        help='in 1 process, stop timing after this many seconds (one timed step at least); a warm-up '
+                             'step that alone takes longer stands in for the timed steps, marked ~ (default: 10)')
+    parser.add_argument('--quick', action='store_true',
+                        help='tiny models, batch 8 and 1 timed step, for a smoke test (default: off)')
+    args = parser.parse_args()
+    if args.vq_batch % 2 or args.prior_batch % 2:
+        parser.error('--vq_batch and --prior_batch must be even: 2 processes take half of each')
+    main(args)
