@@ -24,6 +24,9 @@ DEFAULT_IMAGE_SIZE = {'shapes': 32, 'mnist': 32, 'fashion_mnist': 32, 'cifar10':
 FASHION_MNIST_SYSTEM_DIR = '/usr/share/datasets/fashion-mnist'  # Debian package dataset-fashion-mnist
 SPLITS = ('train', 'val', 'test')
 SHAPE_CLASSES = ('circle', 'square', 'triangle', 'cross', 'ring', 'diamond')
+# Shape and background colours come from a small palette: discrete factors that a prior can learn in CPU minutes.
+PALETTE = np.array([[0.9, 0.1, 0.1], [0.1, 0.7, 0.2], [0.15, 0.3, 0.9], [0.95, 0.85, 0.1], [0.9, 0.45, 0.05],
+                    [0.6, 0.15, 0.8], [0.1, 0.8, 0.85], [0.95, 0.95, 0.95], [0.1, 0.1, 0.1]])
 SHAPES_NUM_SAMPLES = {'train': 20000, 'val': 2000, 'test': 2000}
 VAL_SIZE = 5000  # held-out tail of each official training set
 DOWNLOAD_TIMEOUT_S = 15  # per socket operation, so a blocked network fails in seconds rather than minutes
@@ -82,9 +85,9 @@ class ShapesDataset(Dataset):
         return torch.from_numpy(2 * pixels.transpose(2, 0, 1) / 255 - 1), label
 
     def _background(self, rng):
-        """A random colour, in half the images fading softly into a nearby colour along a random direction."""
-        start = rng.uniform(size=3)
-        end = np.clip(start + rng.uniform(-0.3, 0.3, size=3), 0, 1) if rng.random() < 0.5 else start
+        """A palette colour, in half the images fading softly into a nearby colour along a random direction."""
+        start = PALETTE[rng.integers(len(PALETTE))]
+        end = np.clip(start + rng.uniform(-0.15, 0.15, size=3), 0, 1) if rng.random() < 0.5 else start
         angle = rng.uniform(0, 2 * np.pi)
         x, y = self._pixels[None, :] - 0.5, self._pixels[:, None] - 0.5
         t = 0.5 + (x * np.cos(angle) + y * np.sin(angle)) / np.sqrt(2)  # (H, W), within [0, 1]
@@ -92,15 +95,14 @@ class ShapesDataset(Dataset):
 
     @staticmethod
     def _colour(rng, start, end):
-        """A random colour far from both ends of the background, so the shape is always clearly visible."""
-        candidates = rng.uniform(size=(16, 3))
-        distance = np.minimum(np.linalg.norm(candidates - start, axis=1), np.linalg.norm(candidates - end, axis=1))
-        far = distance > 0.6
-        return candidates[far.argmax()] if far.any() else candidates[distance.argmax()]
+        """A palette colour far from both ends of the background, so the shape is always clearly visible."""
+        distance = np.minimum(np.linalg.norm(PALETTE - start, axis=1), np.linalg.norm(PALETTE - end, axis=1))
+        far = np.flatnonzero(distance > 0.6)
+        return PALETTE[rng.choice(far)] if len(far) else PALETTE[distance.argmax()]
 
     def _coverage(self, shape, rng):
-        """Fraction of each pixel covered by the shape, (H, W), with a random size of 30-70% of the image."""
-        size = rng.uniform(0.3, 0.7)
+        """Fraction of each pixel covered by the shape, (H, W), with a random size of 40-80% of the image."""
+        size = rng.uniform(0.4, 0.8)
         cx, cy = rng.uniform(size / 2, 1 - size / 2, size=2)
         u = (self._fine[None, :] - cx) / (size / 2)  # (1, 4W): -1..1 across the shape's bounding box
         v = (self._fine[:, None] - cy) / (size / 2)  # (4H, 1): -1..1, pointing down
