@@ -62,10 +62,15 @@ def resolve_device(name):
     return torch.device(name)
 
 
+_created_dirs = []  # output folders this run created, removed again by run_main if an error leaves them empty
+
+
 def prepare_out_dir(path):
     """Create the output folder and check that it can be written, or raise UserError."""
     try:
-        os.makedirs(path, exist_ok=True)
+        if not os.path.isdir(path):
+            os.makedirs(path)
+            _created_dirs.append(path)
         probe = os.path.join(path, '.write_test')
         with open(probe, 'w') as f:
             f.write('ok')
@@ -81,6 +86,9 @@ def run_main(main, args):
     except (UserError, CheckpointError) as e:
         if getattr(args, 'debug', False):
             traceback.print_exc()
+        for path in _created_dirs:
+            if os.path.isdir(path) and not os.listdir(path):
+                os.rmdir(path)
         # An error raised in a DataLoader worker arrives with the worker's traceback in front: keep the last line.
         lines = str(e).strip().splitlines() or [type(e).__name__]
         sys.stderr.write(f'error: {lines[-1]}\n')
