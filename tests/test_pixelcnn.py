@@ -33,13 +33,7 @@ def perturbed(codes, where, seed=2):
     return torch.where(where, (codes + shift) % K, codes)
 
 
-@pytest.fixture(autouse=True, scope='module')
-def single_thread():
-    """These models are tiny: one thread is fastest, and spared the OpenMP wake-ups that stall a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('single_thread')  # see tests/conftest.py
 
 
 # -----------------------------------------------------------------------------
