@@ -170,7 +170,7 @@ def markdown(results, rows, wall, extraction_seconds):
 def main(args):
     if not os.path.exists(os.path.join(FASHION_MNIST_SYSTEM_DIR, 't10k-images-idx3-ubyte.gz')) and \
             not os.path.isdir(os.path.join(args.data_dir, 'FashionMNIST')):
-        sys.exit(f'error: Fashion-MNIST not found; run `apt-get install -y dataset-fashion-mnist` first')
+        sys.exit('error: Fashion-MNIST not found; run `apt-get install -y dataset-fashion-mnist` first')
     os.makedirs(args.out_dir, exist_ok=True)
     wall = {name: run_stage(name, args, args.out_dir, args.data_dir, args.scale) for name in STAGES}
     started = time.time()
