@@ -2,12 +2,13 @@
 
 The cache lives next to the VQ checkpoint, in codes_cache/. Its file name and the key stored inside it include the
 SHA-256 of the VQ checkpoint's content and every data setting, so a retrained VQ model or another dataset never
-reuses stale codes.
+reuses stale codes. A cache file that cannot be read is reported, moved aside and extracted again.
 """
 
 import hashlib
 import json
 import os
+import sys
 
 import torch
 from torch.utils.data import DataLoader
@@ -18,10 +19,10 @@ from models import atomic_save
 from .data import build_dataset
 
 
-def cache_key(vq_sha256, data, split):
+def cache_key(vq_sha256, data, image_size, split):
     """Everything the codes depend on, as a dict of primitives."""
-    return {'vq_sha256': vq_sha256, 'split': split, 'num_samples': data.get('num_samples', {}).get(split),
-            **{k: data.get(k) for k in ('name', 'image_size', 'data_dir', 'seed')}}
+    return {'vq_sha256': vq_sha256, 'split': split, 'num_samples': (data.get('num_samples') or {}).get(split),
+            'image_size': image_size, **{k: data.get(k) for k in ('name', 'data_dir', 'seed')}}
 
 
 def cache_path(vq_path, key):
@@ -33,35 +34,54 @@ def cache_path(vq_path, key):
 
 @torch.no_grad()
 def extract_codes(vq_model, dataset, batch_size, device, num_workers=0):
-    """Encode every image of `dataset`: {'codes': [N,h,w]} or {'codes_top', 'codes_bottom'}, plus 'labels' [N]."""
+    """Encode every image of `dataset`: {'levels': {level: codes [N, h, w]}, 'labels': [N]}."""
     vq_model.eval()
-    parts, labels = {}, []
+    parts, labels = {level: [] for level in vq_model.levels}, []
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     for images, y in tqdm(loader, desc='extracting codes', dynamic_ncols=True, leave=False):
-        codes = vq_model.get_code_indices(images.to(device))
-        names = ('codes_top', 'codes_bottom') if isinstance(codes, tuple) else ('codes',)
-        for name, value in zip(names, codes if isinstance(codes, tuple) else (codes,)):
+        for level, codes in vq_model.level_codes(images.to(device)).items():
             # int16 holds any codebook of up to 32768 codes at a quarter of int64's size.
-            parts.setdefault(name, []).append(value.to(torch.int16).cpu())
+            parts[level].append(codes.to(torch.int16).cpu())
         labels.append(torch.as_tensor(y, dtype=torch.long))
-    return {**{name: torch.cat(values) for name, values in parts.items()}, 'labels': torch.cat(labels)}
+    return {'levels': {level: torch.cat(values) for level, values in parts.items()}, 'labels': torch.cat(labels)}
 
 
-def load_or_extract_codes(vq_model, vq_path, vq_sha256, data, split, batch_size, device, num_workers=0,
+def read_cache(path, key, levels):
+    """The cached codes at `path` if the file is sound and holds `key`, else None; a damaged file is moved aside."""
+    if not os.path.exists(path):
+        return None
+    try:
+        cached = torch.load(path, map_location='cpu', weights_only=True)
+        sound = (isinstance(cached, dict) and isinstance(cached.get('codes'), dict)
+                 and isinstance(cached['codes'].get('levels'), dict)
+                 and set(cached['codes']['levels']) == set(levels)
+                 and isinstance(cached['codes'].get('labels'), torch.Tensor))
+        problem = None if sound else 'it does not hold codes of this repo'
+    except Exception as e:  # truncated, not a pickle, or refused by the safe loader
+        cached, problem = None, f'{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ""}'
+    if problem is not None:
+        aside = f'{path}.bad'
+        os.replace(path, aside)
+        print(f'WARNING: code cache {path} is unreadable ({problem}); moved it to {aside} and extracting again',
+              file=sys.stderr)
+        return None
+    return cached['codes'] if cached.get('key') == key else None
+
+
+def load_or_extract_codes(vq_model, vq_path, vq_sha256, data, image_size, split, batch_size, device, num_workers=0,
                           extract=True):
     """Codes for one split, from the cache when its key matches; returns (codes dict, whether the cache was used).
 
     With extract=False (ranks other than 0 under torchrun) the cache must already exist.
     """
-    key = cache_key(vq_sha256, data, split)
+    key = cache_key(vq_sha256, data, image_size, split)
     path = cache_path(vq_path, key)
-    if os.path.exists(path):
-        cached = torch.load(path, map_location='cpu', weights_only=True)
-        if cached.get('key') == key:
-            return cached['codes'], True
+    codes = read_cache(path, key, vq_model.levels)
+    if codes is not None:
+        return codes, True
     if not extract:
         raise FileNotFoundError(f'code cache {path} is missing')
-    dataset, _ = build_dataset(data['name'], split, data['image_size'], data['data_dir'], seed=data['seed'],
+    dataset, _ = build_dataset(data['name'], split, image_size, data['data_dir'], seed=data['seed'],
                                num_samples=key['num_samples'])
     codes = extract_codes(vq_model, dataset, batch_size, device, num_workers)
     os.makedirs(os.path.dirname(path), exist_ok=True)

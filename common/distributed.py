@@ -1,5 +1,6 @@
 """Distributed set-up for torchrun: NCCL on CUDA, gloo on CPU; a single process needs no set-up at all."""
 
+import contextlib
 import os
 
 import torch
@@ -36,6 +37,16 @@ def barrier():
     """Wait for every rank; a no-op in one process."""
     if is_distributed():
         dist.barrier()
+
+
+@contextlib.contextmanager
+def rank_zero_first(rank):
+    """Run the block on rank 0 first, then on the other ranks: rank 0 downloads or caches, the others read."""
+    if rank != 0:
+        barrier()
+    yield
+    if rank == 0:
+        barrier()
 
 
 def cleanup_distributed():

@@ -1,73 +1,201 @@
 """What both prior training scripts share: flags, the frozen VQ model, cached codes, and the stage-2 Task.
 
-A script supplies only what differs between the flat and the hierarchical prior: its checkpoint kinds, the names of
-its code tensors, and a `losses(model, codes, labels, reduction)` function returning cross-entropy per level.
+A script supplies only what differs between the flat and the hierarchical prior: the VQ checkpoint's flag and kind,
+and which levels to train. Everything else goes through the per-level interface of models/prior.py.
 """
 
 import math
 import os
 
 import torch
+import torch.nn as nn
 from torch.utils.data import TensorDataset
-from torchvision.utils import save_image
 
 from models import PRIOR_PRESETS, build_model, file_sha256, load_checkpoint, model_from_checkpoint
+from models.pixelcnn_prior import HierarchicalPixelCNNConfig
 
-from .cli import add_common_flags, positive_int, prepare_out_dir, resolve_device
+from .cli import OutputDir, add_common_flags, add_config_flags, config_from_flags, nonnegative_int, resolve_device
 from .codes import load_or_extract_codes
-from .data import denormalize
-from .distributed import all_reduce_sum, barrier, cleanup_distributed, setup_distributed
+from .data import DATASETS, denormalize
+from .distributed import all_reduce_sum, cleanup_distributed, rank_zero_first, setup_distributed
 from .errors import UserError
+from .memory import check_memory
 from .tracking import add_wandb_flags
 from .trainer import Task, add_training_flags, apply_resume_flags, train
 
 LOG2 = math.log(2)
 
 
+class Family:
+    """A prior family: its checkpoint kinds (flat, two-level), config class, presets and size flags."""
+
+    def __init__(self, flat_kind, hierarchical_kind, config_class, presets, flags):
+        self.flat_kind, self.hierarchical_kind = flat_kind, hierarchical_kind
+        self.config_class, self.presets, self.flags = config_class, presets, flags
+
+    def kind(self, vq_kind):
+        """The prior kind for a VQ model of `vq_kind`."""
+        return self.flat_kind if vq_kind == 'vq_vae' else self.hierarchical_kind
+
+
+FAMILIES = {
+    'pixelcnn': Family('pixelcnn', 'hierarchical_pixelcnn', HierarchicalPixelCNNConfig, PRIOR_PRESETS,
+                       ('hidden_channels', 'num_layers', 'embedding_dim')),
+}
+
+
 def add_prior_flags(parser, vq_flag, out_dir, wandb_project):
     """Flags both prior training scripts share; `vq_flag` names the VQ checkpoint flag."""
     parser.add_argument(vq_flag, required=True, help='stage-1 checkpoint (best.pth or last.pth) to take codes from')
-    parser.add_argument('--preset', default='default', choices=list(PRIOR_PRESETS),
-                        help='prior size preset; the flags below override it (default: default = 128 channels, '
-                             '15 layers)')
-    parser.add_argument('--hidden_channels', type=positive_int, default=None, help='channels per gated layer')
-    parser.add_argument('--num_layers', type=positive_int, default=None, help='gated layers per level')
-    parser.add_argument('--embedding_dim', type=positive_int, default=None,
-                        help='size of the code embedding at the input (default: 64)')
+    parser.add_argument('--prior', default='pixelcnn', choices=list(FAMILIES), help='prior family (default: pixelcnn)')
+    parser.add_argument('--preset', default='default', choices=['small', 'default', 'large'],
+                        help='prior size preset; the size flags below override it (default: default)')
+    for name, family in FAMILIES.items():
+        group = parser.add_argument_group(f'{name} size (each flag overrides the preset)')
+        add_config_flags(group, family.config_class, family.flags, family.presets)
     parser.add_argument('--class_conditional', action='store_true',
                         help='condition on the dataset\'s class labels (default: off)')
     parser.add_argument('--data_dir', default=None,
                         help='where the dataset is now, if it moved since stage 1 (default: the folder stage 1 used)')
-    parser.add_argument('--num_epoch_samples', type=int, default=16,
+    parser.add_argument('--num_epoch_samples', type=nonnegative_int, default=16,
                         help='decoded samples written to samples.png each epoch; 0 turns this off (default: 16)')
     add_training_flags(parser, epochs=20, batch_size=128)
     add_wandb_flags(parser, project=wandb_project)
     add_common_flags(parser, out_dir=out_dir)
 
 
-def prior_config(args, num_embeddings, num_classes):
+def prior_config(args, family, num_embeddings, num_classes):
     """Prior config: class defaults, then the preset, then the size flags; codebook size from the VQ model."""
-    config = dict(PRIOR_PRESETS[args.preset])
-    config.update({name: getattr(args, name) for name in ('hidden_channels', 'num_layers', 'embedding_dim')
-                   if getattr(args, name) is not None})
+    other = [f'--{name}' for other_name, other_family in FAMILIES.items() if other_name != args.prior
+             for name in other_family.flags if name not in family.flags and getattr(args, name, None) is not None]
+    if other:
+        raise UserError(f'{", ".join(other)} do not apply to the {args.prior} prior; drop them or choose another '
+                        f'--prior')
+    config = config_from_flags(args, family.config_class, family.flags, family.presets[args.preset])
     return {**config, 'num_embeddings': num_embeddings, 'num_classes': num_classes}
 
 
-def train_prior(args, vq_path, vq_kind, prior_kind, code_names, losses, sample_images, levels=None):
+def stage1_data(vq_state, vq_path):
+    """The data settings a stage-1 checkpoint records; CheckpointError-like UserError if they are missing or bad."""
+    data = vq_state.get('data')
+    if not isinstance(data, dict) or data.get('name') not in DATASETS or not isinstance(data.get('data_dir'), str) \
+            or not isinstance(data.get('seed'), int):
+        raise UserError(f'{vq_path} has no usable data settings: stage 2 needs a checkpoint written by main.py '
+                        f'(best.pth or last.pth), not a bare model export')
+    return dict(data)
+
+
+def load_codes(vq_model, vq_path, data, image_size, args, rank, device):
+    """{split: codes dict} for train and val; rank 0 fills the cache, then the other ranks read it."""
+    vq_sha256 = file_sha256(vq_path)
+    splits = {}
+    with rank_zero_first(rank):
+        for split in ('train', 'val'):
+            splits[split], reused = load_or_extract_codes(vq_model, vq_path, vq_sha256, data, image_size, split,
+                                                          args.batch_size, device, args.num_workers,
+                                                          extract=rank == 0)
+            if rank == 0:
+                print(f"{split} codes: {'read from the cache' if reused else 'extracted and cached'} "
+                      f"({len(splits[split]['labels'])} items)")
+    return splits, vq_sha256
+
+
+def check_resume_fits(resume_state, vq_model, code_shapes, resume_path, vq_path):
+    """Refuse a resume whose prior was trained for another codebook size or other code grids."""
+    saved_codes = resume_state['config'].get('num_embeddings')
+    if saved_codes != vq_model.num_embeddings:
+        raise UserError(f'{resume_path} models {saved_codes} codes but {vq_path} has {vq_model.num_embeddings}; '
+                        f'resume with the VQ checkpoint the prior was trained on')
+    saved_shapes = resume_state.get('code_shapes')
+    if saved_shapes != code_shapes:
+        raise UserError(f'{resume_path} was trained on code grids {saved_shapes} but {vq_path} makes {code_shapes}; '
+                        f'resume with the VQ checkpoint the prior was trained on')
+
+
+class LevelLosses(nn.Module):
+    """A prior's per-level losses as a module's forward: DDP synchronises gradients only through forward calls."""
+
+    def __init__(self, prior):
+        super().__init__()
+        self.prior = prior
+
+    def forward(self, codes, class_labels, levels):
+        return self.prior.level_losses(codes, class_labels, levels)
+
+
+def make_task(args, model, vq_model, datasets, levels, extra, device):
+    """The stage-2 Task: cross-entropy of the trained levels; validation bits per code in all and per level."""
+    use_labels = model.num_classes is not None
+    all_levels = model.levels
+
+    def unpack(batch):
+        *codes, labels = [t.to(device, non_blocking=True).long() for t in batch]
+        return dict(zip(all_levels, codes)), labels if use_labels else None
+
+    def training_step(module, batch):  # `module`: LevelLosses around the prior, maybe wrapped by DDP
+        codes, labels = unpack(batch)
+        losses = module(codes, labels, levels)
+        sizes = {level: codes[level][0].numel() for level in losses}
+        # Weighted by the number of codes per level, like the validation figure.
+        mean_nats = sum(losses[level].detach() * sizes[level] for level in losses) / sum(sizes.values())
+        return sum(losses.values()), {'bits_per_code': mean_nats / LOG2,
+                                      **{f'bits_per_code/{lv}': v.detach() / LOG2 for lv, v in losses.items()}}
+
+    def evaluate(model, loader):
+        sums = torch.zeros(len(levels), 2, dtype=torch.float64, device=device)  # per level: nats, codes
+        for batch in loader:
+            codes, labels = unpack(batch)
+            losses = model.level_losses(codes, labels, levels, reduction='sum')
+            sums += torch.tensor([[float(losses[level]), codes[level].numel()] for level in levels],
+                                 dtype=torch.float64, device=device)
+        all_reduce_sum(sums)
+        metrics = {'bits_per_code': float(sums[:, 0].sum() / sums[:, 1].sum()) / LOG2}
+        metrics.update({f'bits_per_code/{level}': float(sums[i, 0] / sums[i, 1]) / LOG2
+                        for i, level in enumerate(levels)})
+        return metrics, {}
+
+    generator = torch.Generator().manual_seed(args.seed)
+
+    def on_epoch_end(model, epoch, tracker, step):
+        if args.num_epoch_samples <= 0:
+            return
+        from torchvision.utils import save_image
+        model.eval()
+        labels = (torch.arange(args.num_epoch_samples) % model.num_classes).tolist() if use_labels else None
+        images = model.sample_with_vq(vq_model, args.num_epoch_samples, class_labels=labels,
+                                      generator=generator.manual_seed(args.seed))
+        model.train()
+        path = os.path.join(args.out_dir, 'samples.png')
+        save_image(denormalize(images.float().cpu()), path, nrow=int(math.ceil(math.sqrt(len(images)))))
+        tracker.log_image('samples', path, step)
+
+    return Task(model=model, train_module=LevelLosses(model), train_set=datasets['train'], val_set=datasets['val'], training_step=training_step,
+                evaluate=evaluate, score_key='bits_per_code', score_scope='levels ' + '+'.join(levels),
+                checkpoint_extra=extra, on_epoch_end=on_epoch_end,
+                find_unused_parameters=len(levels) < len(all_levels),
+                optimizer_groups=getattr(model, 'optimizer_groups', None))
+
+
+def train_prior(args, vq_path, vq_kind, levels=None):
     """Stage 2: load the frozen VQ model, get cached codes, train the prior, write checkpoints to args.out_dir.
 
-    `losses(model, codes, labels, reduction)` returns {level: cross-entropy in nats}; `sample_images(model, vq_model,
-    labels, generator)` returns decoded samples for the per-epoch grid.
+    `levels` are the levels to train (default: all of the VQ model's).
     """
     # Setup
     device = resolve_device(args.device)
-    vq_state = load_checkpoint(vq_path, kinds=(vq_kind,))
-    resume_state = load_checkpoint(args.resume, kinds=(prior_kind,)) if args.resume else None
-    if resume_state is not None:
-        apply_resume_flags(args, resume_state)
+    family = FAMILIES[args.prior]
+    vq_state = load_checkpoint(vq_path, kinds=vq_kind)
+    resume_state = None
+    if args.resume:
+        resume_state = load_checkpoint(args.resume, kinds=tuple(f.kind(vq_kind) for f in FAMILIES.values()))
+        apply_resume_flags(args, resume_state, args.resume)
+    data = stage1_data(vq_state, vq_path)
     rank, world_size, device = setup_distributed(device)
-    vq_model = model_from_checkpoint(vq_state, device).requires_grad_(False)
-    data = dict(vq_state['data'])
+    vq_model = model_from_checkpoint(vq_state, device, vq_path).requires_grad_(False)
+    levels = tuple(levels or vq_model.levels)
+    code_shapes = {level: list(shape) for level, shape in vq_model.level_shapes().items()}
+    if resume_state is not None:
+        check_resume_fits(resume_state, vq_model, code_shapes, args.resume, vq_path)
     if args.data_dir:
         data['data_dir'] = os.path.abspath(args.data_dir)
     num_classes = data.get('num_classes') if args.class_conditional else None
@@ -75,85 +203,31 @@ def train_prior(args, vq_path, vq_kind, prior_kind, code_names, losses, sample_i
         raise UserError(f"--class_conditional needs class labels, but dataset {data['name']} has "
                         f"{num_classes or 0} classes")
 
-    # Codes: rank 0 fills the cache, the other ranks read it.
-    vq_sha256 = file_sha256(vq_path)
-    splits = {}
-    for split in ('train', 'val'):
-        if rank == 0:
-            splits[split], reused = load_or_extract_codes(vq_model, vq_path, vq_sha256, data, split,
-                                                          args.batch_size, device, args.num_workers)
-            print(f"{split} codes: {'read from the cache' if reused else 'extracted and cached'} "
-                  f"({len(splits[split]['labels'])} items)")
-        barrier()
-        if rank != 0:
-            splits[split], _ = load_or_extract_codes(vq_model, vq_path, vq_sha256, data, split, args.batch_size,
-                                                     device, extract=False)
-    datasets = {split: TensorDataset(*[codes[name] for name in code_names], codes['labels'])
-                for split, codes in splits.items()}
-    code_shape = {name: list(splits['train'][name].shape[1:]) for name in code_names}
-
     # Create model
     torch.manual_seed(args.seed)  # the same initial weights on every rank
-    config = resume_state['config'] if resume_state else prior_config(args, vq_model.num_embeddings, num_classes)
-    model = build_model(prior_kind, config)
-    if rank == 0:
-        prepare_out_dir(args.out_dir)
-        print(f'{prior_kind}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, '
-              f'{config["num_embeddings"]} codes, grids {code_shape}, '
-              f'class-conditional: {config["num_classes"] is not None}')
-    use_labels = config['num_classes'] is not None
+    kind = resume_state['kind'] if resume_state else family.kind(vq_kind)
+    config = resume_state['config'] if resume_state else prior_config(args, family, vq_model.num_embeddings,
+                                                                      num_classes)
+    batch = args.batch_size // world_size
+    check_memory(kind, config, device, lambda model: model.level_logits(
+        {level: torch.zeros(batch, *shape, dtype=torch.long) for level, shape in code_shapes.items()},
+        torch.zeros(batch, dtype=torch.long) if config.get('num_classes') else None))
+    model = build_model(kind, config)
 
-    def unpack(batch):
-        *codes, labels = [t.to(device, non_blocking=True).long() for t in batch]
-        return dict(zip(code_names, codes)), labels if use_labels else None
-
-    def training_step(model, batch):
-        codes, labels = unpack(batch)
-        level_losses = losses(model, codes, labels, 'mean')
-        loss = sum(level_losses.values())
-        # Weighted by the number of codes per level, like the validation figure.
-        sizes = {lv: codes[f'codes{lv}'][0].numel() for lv in level_losses}
-        mean_nats = sum(level_losses[lv].detach() * sizes[lv] for lv in sizes) / sum(sizes.values())
-        return loss, {'bits_per_code': mean_nats / LOG2,
-                      **{f'bits{lv}': v.detach() / LOG2 for lv, v in level_losses.items() if lv}}
-
-    def evaluate(model, loader):
-        sums = None  # per level: summed nats, number of codes
-        for batch in loader:
-            codes, labels = unpack(batch)
-            level_sums = losses(model, codes, labels, 'sum')
-            counts = {lv: codes[f'codes{lv}'].numel() for lv in level_sums}
-            batch_sums = torch.tensor([[float(level_sums[lv]), counts[lv]] for lv in level_sums],
-                                      dtype=torch.float64, device=device)
-            sums = batch_sums if sums is None else sums + batch_sums
-        all_reduce_sum(sums)
-        metrics = {f'bits{lv}': float(sums[i, 0] / sums[i, 1]) / LOG2 for i, lv in enumerate(level_sums) if lv}
-        metrics['bits_per_code'] = float(sums[:, 0].sum() / sums[:, 1].sum()) / LOG2
-        return metrics
-
-    generator = torch.Generator().manual_seed(args.seed)
-
-    def on_epoch_end(model, epoch, tracker, step):
-        if args.num_epoch_samples <= 0:
-            return
-        model.eval()
-        labels = (torch.arange(args.num_epoch_samples) % config['num_classes']).tolist() if use_labels else None
-        images = sample_images(model, vq_model, args.num_epoch_samples, labels, generator.manual_seed(args.seed))
-        model.train()
-        path = os.path.join(args.out_dir, 'samples.png')
-        save_image(denormalize(images.float().cpu()), path, nrow=int(math.ceil(math.sqrt(len(images)))))
-        tracker.log_image('samples', path, step)
-
+    # Codes and training
+    splits, vq_sha256 = load_codes(vq_model, vq_path, data, vq_model.image_size, args, rank, device)
+    datasets = {split: TensorDataset(*[codes['levels'][level] for level in model.levels], codes['labels'])
+                for split, codes in splits.items()}
     extra = {'vq_checkpoint': {'path': os.path.abspath(vq_path), 'sha256': vq_sha256, 'kind': vq_kind},
-             'num_embeddings': config['num_embeddings'], 'data': data,
-             'code_shape': code_shape['codes'] if code_names == ('codes',) else
-             {name[len('codes_'):]: shape for name, shape in code_shape.items()}}
-    if levels is not None:
-        extra['levels'] = list(levels)
-    task = Task(kind=prior_kind, model=model, train_set=datasets['train'], val_set=datasets['val'],
-                training_step=training_step, evaluate=evaluate, score_key='bits_per_code', checkpoint_extra=extra,
-                on_epoch_end=on_epoch_end, find_unused_parameters=levels is not None and len(levels) < 2)
-    metrics = train(args, task, rank, world_size, device, resume_state)
-    if rank == 0:
-        print('final validation: ' + ', '.join(f'{k[4:]} {v:.4g}' for k, v in metrics.items() if k.startswith('val_')))
+             'data': data, 'code_shapes': code_shapes, 'levels': list(levels)}
+    with OutputDir(args.out_dir, enabled=rank == 0):
+        if rank == 0:
+            print(f'{kind}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, '
+                  f'{config["num_embeddings"]} codes, grids {code_shapes}, training {"+".join(levels)}, '
+                  f'class-conditional: {config["num_classes"] is not None}')
+        task = make_task(args, model, vq_model, datasets, levels, extra, device)
+        metrics = train(args, task, rank, world_size, device, resume_state)
+        if rank == 0:
+            print('final validation: ' + ', '.join(f'{k[4:]} {v:.4g}' for k, v in metrics.items()
+                                                   if k.startswith('val/')))
     cleanup_distributed()

@@ -4,6 +4,7 @@ codes.pt holds {'codes': [N, h, w]} (VQ-VAE) or {'codes_top': [N, h, w], 'codes_
 LongTensors, 'class_labels' [N] for a class-conditional prior, and 'settings': the flags that decided the samples.
 """
 
+import argparse
 import math
 import os
 import sys
@@ -11,13 +12,25 @@ import sys
 import torch
 from tqdm import tqdm
 
-from models import CheckpointError, file_sha256, load_checkpoint, model_from_checkpoint
+from models import MODELS, PRIOR_KINDS, CheckpointError, file_sha256, load_checkpoint, model_from_checkpoint
 
 from .cli import add_common_flags, positive_float, positive_int
 from .errors import UserError
 
-PRIOR_ENTRIES = ('num_embeddings', 'code_shape', 'vq_checkpoint')  # what a stage-2 script records beside the model
 NOT_SETTINGS = ('out_dir', 'device', 'debug', 'save_individual')  # flags that do not change the samples
+
+
+def codes_file_key(level):
+    """The name of a level's codes in codes.pt: 'codes' for the one level of a VQ-VAE, else 'codes_<level>'."""
+    return 'codes' if level == 'flat' else f'codes_{level}'
+
+
+def probability(text):
+    """argparse type: a number in (0, 1]."""
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f'must be in (0, 1], got {text}')
+    return value
 
 
 def add_sampling_flags(parser, name):
@@ -27,9 +40,13 @@ def add_sampling_flags(parser, name):
     parser.add_argument('--batch_size', type=positive_int, default=64,
                         help='images sampled at once; the codes drawn for a seed depend on it (default: 64)')
     parser.add_argument('--temperature', type=positive_float, default=1.0,
-                        help='divides the logits; below 1 gives safer, less varied samples (default: 1.0)')
+                        help='divides the logits; below 1 gives safer, less varied samples, near 0 the most likely '
+                             'code (default: 1.0)')
     parser.add_argument('--top_k', type=positive_int, default=None,
                         help='sample each code from the k most likely ones only (default: all codes)')
+    parser.add_argument('--top_p', type=probability, default=None,
+                        help='nucleus sampling: from the most likely codes whose probability reaches p, p in (0, 1] '
+                             '(default: all codes)')
     parser.add_argument('--class_label', type=int, default=None,
                         help='class of every sample, for a class-conditional prior (default: every class in turn)')
     parser.add_argument('--save_individual', action='store_true',
@@ -40,36 +57,39 @@ def add_sampling_flags(parser, name):
     add_common_flags(parser, out_dir=f'samples/{name}', out_dir_help='folder for samples.png, codes.pt and sample PNGs')
 
 
-def grid_text(shape):
-    """'8x8' for a flat code grid, 'top 4x4 / bottom 8x8' for a two-level one (a dict or a pair of pairs)."""
-    if isinstance(shape, dict):
-        shape = (shape['top'], shape['bottom'])
-    if isinstance(shape[0], (list, tuple)):
-        return f'top {grid_text(shape[0])} / bottom {grid_text(shape[1])}'
-    return 'x'.join(str(int(size)) for size in shape)
+def check_prior_entries(state, path):
+    """Raise CheckpointError unless a prior checkpoint has the entries stage 2 writes beside the model."""
+    shapes, vq = state.get('code_shapes'), state.get('vq_checkpoint')
+    if shapes is None or vq is None:
+        raise CheckpointError(f'{path} has no code_shapes/vq_checkpoint entries; it was not written by a '
+                              f'train_pixelcnn_vqvae*.py script')
+    if not isinstance(shapes, dict) or not all(
+            isinstance(shape, (list, tuple)) and len(shape) == 2 and all(isinstance(n, int) and n > 0 for n in shape)
+            for shape in shapes.values()):
+        raise CheckpointError(f'{path}: code_shapes must map each level to a grid [h, w], got {shapes!r:.100}')
+    if not isinstance(vq, dict) or not isinstance(vq.get('sha256'), str):
+        raise CheckpointError(f'{path}: vq_checkpoint must be a dict with the VQ file\'s sha256, got {vq!r:.100}')
 
 
-def load_pair(vq_path, prior_path, vq_kind, prior_kind, device, class_label=None):
+def load_pair(vq_path, prior_path, vq_kind, device, class_label=None):
     """Load a VQ model and its prior, in eval mode on `device`; raise a one-line error if they do not fit together.
 
     Every check runs before the VQ file is hashed, so a bad run prints its error alone, without the hash warning.
     """
-    vq_state = load_checkpoint(vq_path, kinds=(vq_kind,))
-    prior_state = load_checkpoint(prior_path, kinds=(prior_kind,))
-    missing = [entry for entry in PRIOR_ENTRIES if entry not in prior_state]
-    if missing:
-        raise CheckpointError(f'{prior_path} has no {", ".join(missing)} entry; it was not written by a '
-                              f'train_pixelcnn_vqvae*.py script')
-    vq_model = model_from_checkpoint(vq_state, device)
-    prior = model_from_checkpoint(prior_state, device)
+    vq_state = load_checkpoint(vq_path, kinds=vq_kind)
+    levels = MODELS[vq_kind].levels
+    prior_state = load_checkpoint(prior_path, kinds=tuple(k for k in PRIOR_KINDS if MODELS[k].levels == levels))
+    check_prior_entries(prior_state, prior_path)
+    vq_model = model_from_checkpoint(vq_state, device, vq_path)
+    prior = model_from_checkpoint(prior_state, device, prior_path)
 
     if prior.num_embeddings != vq_model.num_embeddings:
         raise UserError(f'{prior_path} models {prior.num_embeddings} codes but {vq_path} has '
                         f'{vq_model.num_embeddings}; give the VQ checkpoint the prior was trained on')
-    if grid_text(prior_state['code_shape']) != grid_text(vq_model.code_shape()):
-        raise UserError(f'{prior_path} was trained on {grid_text(prior_state["code_shape"])} code grids but '
-                        f'{vq_path} makes {grid_text(vq_model.code_shape())} grids; give the VQ checkpoint the '
-                        f'prior was trained on')
+    shapes = {level: list(shape) for level, shape in vq_model.level_shapes().items()}
+    if {level: list(shape) for level, shape in prior_state['code_shapes'].items()} != shapes:
+        raise UserError(f'{prior_path} was trained on code grids {prior_state["code_shapes"]} but {vq_path} makes '
+                        f'{shapes}; give the VQ checkpoint the prior was trained on')
     if prior.num_classes is None and class_label is not None:
         raise UserError(f'--class_label {class_label} was given but {prior_path} is an unconditional prior; '
                         f'drop --class_label')
@@ -93,23 +113,24 @@ def class_labels(prior, class_label, num_samples):
 
 
 @torch.no_grad()
-def generate(sample_batch, num_samples, batch_size, labels, seed, device):
-    """Call sample_batch(batch_size, labels [B] or None, generator) -> ({name: codes [B, ...]}, images [B, C, S, S])
-    batch by batch; return all the images (on the CPU, in [-1, 1]) and all the codes, {name: LongTensor [N, ...]},
-    with 'class_labels' [N] added when there are labels.
+def generate(vq_model, prior, args, labels, device):
+    """Sample args.num_samples images batch by batch; returns (images [N, C, S, S] on the CPU in [-1, 1],
+    {codes.pt key: LongTensor [N, ...]}, with 'class_labels' [N] added when there are labels).
 
     One generator seeded once drives every draw, so the same seed and batch size give the same codes.
     """
-    generator = torch.Generator(device).manual_seed(seed)
+    generator = torch.Generator(device).manual_seed(args.seed)
+    shapes = vq_model.level_shapes()
     images, codes = [], {}
-    with tqdm(total=num_samples, desc='sampling', unit='image', dynamic_ncols=True) as bar:
-        for start in range(0, num_samples, batch_size):
-            size = min(batch_size, num_samples - start)
+    with tqdm(total=args.num_samples, desc='sampling', unit='image', dynamic_ncols=True) as bar:
+        for start in range(0, args.num_samples, args.batch_size):
+            size = min(args.batch_size, args.num_samples - start)
             batch_labels = None if labels is None else labels[start:start + size].to(device)
-            batch_codes, batch_images = sample_batch(size, batch_labels, generator)
-            images.append(batch_images.float().cpu())
-            for name, value in batch_codes.items():
-                codes.setdefault(name, []).append(value.cpu())
+            batch_codes = prior.sample_levels(size, shapes, args.temperature, args.top_k, args.top_p, batch_labels,
+                                              generator, cached=not args.naive)
+            images.append(vq_model.decode_level_codes(batch_codes).float().cpu())
+            for level, value in batch_codes.items():
+                codes.setdefault(codes_file_key(level), []).append(value.cpu())
             bar.update(size)
     codes = {name: torch.cat(values) for name, values in codes.items()}
     if labels is not None:
@@ -123,16 +144,36 @@ def sampling_settings(args):
 
 
 def save_outputs(out_dir, images, codes, save_individual, settings):
-    """Write samples.png (a square-ish grid), codes.pt (codes + settings) and, if asked, one PNG per sample."""
+    """Write samples.png (a square-ish grid), codes.pt (codes + settings) and, if asked, one PNG per sample.
+
+    Each file is written under a temporary name and renamed, so an error (a full disk) leaves no partial file.
+    """
     # Imported here, not at the top: torchvision takes seconds to load, which a run that stops at a bad flag or
     # checkpoint should not have to wait for.
     from torchvision.utils import save_image
 
+    from models import atomic_save
+
     from .data import denormalize
 
     images = denormalize(images)  # [N, C, S, S] in [0, 1]
-    save_image(images, os.path.join(out_dir, 'samples.png'), nrow=math.ceil(math.sqrt(len(images))))
-    if save_individual:
-        for index, image in enumerate(images):
-            save_image(image, os.path.join(out_dir, f'sample_{index:04d}.png'))
-    torch.save({**codes, 'settings': settings}, os.path.join(out_dir, 'codes.pt'))
+    written = []
+    try:
+        def write_png(tensor, name, **kwargs):
+            path = os.path.join(out_dir, name)
+            partial = os.path.join(out_dir, f'.partial_{name}')
+            written.append(partial)
+            save_image(tensor, partial, format='png', **kwargs)
+            os.replace(partial, path)
+            written[-1] = path
+
+        write_png(images, 'samples.png', nrow=math.ceil(math.sqrt(len(images))))
+        if save_individual:
+            for index, image in enumerate(images):
+                write_png(image, f'sample_{index:04d}.png')
+        atomic_save({**codes, 'settings': settings}, os.path.join(out_dir, 'codes.pt'))
+    except BaseException:
+        for path in written:  # no half-written set of samples
+            if os.path.exists(path):
+                os.remove(path)
+        raise

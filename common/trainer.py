@@ -5,6 +5,7 @@ non-finite checks, validation each epoch, `last.pth` / `best.pth`, resume and lo
 part in a `Task`: the model, the data, one training step and the validation metrics.
 """
 
+import argparse
 import math
 import os
 import time
@@ -16,20 +17,34 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Sampler, Subset
 from tqdm import tqdm
 
-from models import save_checkpoint
+from models import CheckpointError, save_checkpoint
 
 from .cli import nonnegative_int, positive_float, positive_int
 from .distributed import all_reduce_sum, barrier, is_distributed
 from .errors import UserError
-from .tracking import Tracker
+from .tracking import Tracker, wandb_settings
 
 
-def add_training_flags(parser, epochs, batch_size, lr=3e-4):
+DEFAULT_LR = 3e-4
+MAX_LR = 10.0  # far above any useful Adam rate; beyond it Adam's moments overflow
+
+
+def learning_rate(text):
+    """argparse type: a learning rate in (0, 10]."""
+    value = positive_float(text)
+    if value > MAX_LR:
+        raise argparse.ArgumentTypeError(f'must be at most {MAX_LR:g}, got {text}')
+    return value
+
+
+def add_training_flags(parser, epochs, batch_size):
     """Flags every training script shares."""
     parser.add_argument('--epochs', type=positive_int, default=epochs, help=f'epochs to train (default: {epochs})')
     parser.add_argument('--batch_size', type=positive_int, default=batch_size,
                         help=f'global batch size, split evenly across torchrun processes (default: {batch_size})')
-    parser.add_argument('--lr', type=positive_float, default=lr, help=f'Adam learning rate (default: {lr})')
+    parser.add_argument('--lr', type=learning_rate, default=None,
+                        help=f'Adam learning rate (default: {DEFAULT_LR}; with --resume the checkpoint\'s, which an '
+                             f'explicit --lr overrides)')
     parser.add_argument('--lr_schedule', default='constant', choices=['constant', 'cosine'],
                         help='learning-rate schedule over all steps (default: constant)')
     parser.add_argument('--max_steps', type=positive_int, default=None,
@@ -51,16 +66,19 @@ def add_training_flags(parser, epochs, batch_size, lr=3e-4):
 class Task:
     """What a training script hands to `train`: its model, data, loss and validation."""
 
-    kind: str  # checkpoint kind, e.g. 'vq_vae2'
-    model: nn.Module
+    model: nn.Module  # its `kind`, `config` and weights go into the checkpoints
     train_set: object
     val_set: object
     training_step: Callable  # (model, batch) -> (loss tensor, {name: scalar tensor}); runs under autocast
-    evaluate: Callable  # (model, loader) -> {name: float}, summed over ranks by the task
+    evaluate: Callable  # (model, loader) -> ({name: float}, {name: code counts [K]}), summed over ranks by the task
     score_key: str  # validation metric to minimise; decides best.pth
-    checkpoint_extra: dict = field(default_factory=dict)  # dataset, image size, VQ checkpoint info, ...
+    score_scope: str = ''  # what the score covers (e.g. the trained levels); a resume that changes it resets the best
+    checkpoint_extra: dict = field(default_factory=dict)  # data settings, VQ checkpoint info, ...
     on_epoch_end: Optional[Callable] = None  # (model, epoch, tracker, step) on rank 0: image grids
     find_unused_parameters: bool = False
+    optimizer_groups: Optional[Callable] = None  # (weight_decay) -> parameter groups of the model
+    weight_decay: float = 0.0
+    train_module: Optional[nn.Module] = None  # what training steps call, if not the model (e.g. a loss wrapper)
 
 
 class EpochBatchSampler(Sampler):
@@ -99,20 +117,26 @@ def build_lr_scheduler(optimizer, schedule, total_steps):
 
 
 # Flags that fix the data order and the optimisation; --resume takes them from the checkpoint, so that a resumed run
-# continues the same run. --epochs and --max_steps stay as given, to allow training for longer.
+# continues the same run. --epochs and --max_steps stay as given, to allow training for longer, and an explicit --lr
+# overrides the checkpoint's (e.g. a lower one after the loss became NaN).
 RESUMED_FLAGS = ('batch_size', 'lr', 'lr_schedule', 'seed', 'amp')
 
 
-def apply_resume_flags(args, state):
-    """Take RESUMED_FLAGS from the checkpoint, saying which ones changed; write next to the resumed checkpoint."""
+def apply_resume_flags(args, state, path):
+    """Take RESUMED_FLAGS from the checkpoint (all but an explicit --lr), saying what changed; write next to it."""
+    saved = state.get('args')
+    if not isinstance(saved, dict):
+        raise CheckpointError(f'{path} has no training state (no args entry): it is a model export, not a last.pth '
+                              f'that --resume can continue; start a new run instead')
     args.out_dir = os.path.dirname(os.path.abspath(args.resume))
-    changed = [f'--{name} {state["args"][name]}' for name in RESUMED_FLAGS
-               if name in state['args'] and getattr(args, name) != state['args'][name]]
-    for name in RESUMED_FLAGS:
-        if name in state['args']:
-            setattr(args, name, state['args'][name])
+    names = [name for name in RESUMED_FLAGS if name in saved and not (name == 'lr' and args.lr is not None)]
+    changed = [f'--{name} {saved[name]}' for name in names if getattr(args, name) != saved[name]]
+    for name in names:
+        setattr(args, name, saved[name])
     if changed:
         print(f'resuming with the checkpoint\'s {", ".join(changed)}')
+    if args.lr is not None and 'lr' in saved and args.lr != saved['lr']:
+        print(f'resuming with --lr {args.lr}, overriding the checkpoint\'s {saved["lr"]}')
 
 
 def _autocast(device, amp):
@@ -121,10 +145,8 @@ def _autocast(device, amp):
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=amp != 'none')
 
 
-def train(args, task, rank, world_size, device, resume_state=None):
-    """Train `task.model` for args.epochs (or args.max_steps) and write checkpoints to args.out_dir (rank 0)."""
-    # Setup
-    is_main = rank == 0
+def check_sizes(args, task, world_size):
+    """Raise UserError if the batch cannot be split over the processes or a split is too small for it."""
     if args.batch_size % world_size != 0:
         raise UserError(f'--batch_size {args.batch_size} must be divisible by the {world_size} processes')
     if len(task.train_set) < args.batch_size:
@@ -133,121 +155,186 @@ def train(args, task, rank, world_size, device, resume_state=None):
     if len(task.val_set) < world_size:  # every rank validates a shard of its own, and none may be empty
         raise UserError(f'the validation set has {len(task.val_set)} items, fewer than the {world_size} processes; '
                         f'use more validation images or fewer processes')
-    raw_model = task.model.to(device)
-    sampler = EpochBatchSampler(len(task.train_set), args.batch_size, rank, world_size, args.seed)
-    # A private generator keeps the loader from drawing on the global RNG, which must replay exactly on resume.
-    loader = DataLoader(task.train_set, batch_sampler=sampler, num_workers=args.num_workers,
-                        generator=torch.Generator().manual_seed(args.seed), persistent_workers=False)
-    val_loader = DataLoader(Subset(task.val_set, range(rank, len(task.val_set), world_size)),
-                            batch_size=max(1, args.batch_size // world_size), num_workers=args.num_workers)
-    steps_per_epoch = len(task.train_set) // args.batch_size
-    total_steps = min(args.max_steps or math.inf, steps_per_epoch * args.epochs)
-    optimizer = torch.optim.Adam(raw_model.parameters(), lr=args.lr)
-    scheduler = build_lr_scheduler(optimizer, args.lr_schedule, total_steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
 
-    epoch, step, start_batch, best_score, run_id = 0, 0, 0, math.inf, None
+
+def train(args, task, rank, world_size, device, resume_state=None):
+    """Train `task.model` for args.epochs (or args.max_steps) and write checkpoints to args.out_dir (rank 0)."""
+    check_sizes(args, task, world_size)
+    if args.lr is None:
+        args.lr = DEFAULT_LR
+    trainer = Trainer(args, task, rank, world_size, device)
     if resume_state is not None:
-        raw_model.load_state_dict(resume_state['model'])
-        optimizer.load_state_dict(resume_state['optimizer'])
-        scheduler.load_state_dict(resume_state['scheduler'])
-        scaler.load_state_dict(resume_state['scaler'])
-        epoch, step, start_batch = resume_state['epoch'], resume_state['step'], resume_state['batch_in_epoch']
-        best_score, run_id = resume_state['best_score'], resume_state.get('wandb_run_id')
-        torch.set_rng_state(resume_state['rng']['torch'])
-        if device.type == 'cuda' and resume_state['rng'].get('cuda') is not None:
-            torch.cuda.set_rng_state(resume_state['rng']['cuda'], device)
+        trainer.restore(resume_state)
+    return trainer.run()
 
-    model = torch.compile(raw_model) if args.compile else raw_model
-    if is_distributed():
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == 'cuda' else None,
-            find_unused_parameters=task.find_unused_parameters)
-    tracker = Tracker(args, vars(args), enabled=is_main, run_id=run_id)
-    if is_main:  # temporary files of a save that was killed half-way
-        for name in os.listdir(args.out_dir):
-            if name.startswith('.tmp_') and name.endswith('.pth'):
-                os.remove(os.path.join(args.out_dir, name))
 
-    def save(name, metrics):
-        state = {'kind': task.kind, 'config': raw_model.config, 'model': raw_model.state_dict(),
-                 'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
-                 'scaler': scaler.state_dict(), 'epoch': epoch, 'step': step, 'batch_in_epoch': start_batch,
-                 'metrics': metrics, 'best_score': best_score, 'args': vars(args), 'wandb_run_id': tracker.run_id,
-                 'rng': {'torch': torch.get_rng_state(),
-                         'cuda': torch.cuda.get_rng_state(device) if device.type == 'cuda' else None},
-                 **task.checkpoint_extra}
-        save_checkpoint(state, os.path.join(args.out_dir, name))
+class Trainer:
+    """The state of one training run and its steps: restore, one epoch, validate, save."""
 
-    def validate():
-        model.eval()
-        with torch.no_grad(), _autocast(device, args.amp):
-            metrics = task.evaluate(raw_model, val_loader)
+    def __init__(self, args, task, rank, world_size, device):
+        self.args, self.task, self.device = args, task, device
+        self.rank, self.world_size, self.is_main = rank, world_size, rank == 0
+        self.raw_model = task.model.to(device)
+        self.sampler = EpochBatchSampler(len(task.train_set), args.batch_size, rank, world_size, args.seed)
+        # A private generator keeps the loader from drawing on the global RNG, which must replay exactly on resume.
+        self.loader = DataLoader(task.train_set, batch_sampler=self.sampler, num_workers=args.num_workers,
+                                 generator=torch.Generator().manual_seed(args.seed), persistent_workers=False)
+        self.val_loader = DataLoader(Subset(task.val_set, range(rank, len(task.val_set), world_size)),
+                                     batch_size=max(1, args.batch_size // world_size), num_workers=args.num_workers)
+        self.steps_per_epoch = len(task.train_set) // args.batch_size
+        self.total_steps = min(args.max_steps or math.inf, self.steps_per_epoch * args.epochs)
+        # AdamW with decoupled weight decay on the groups a model names; plain Adam when there is none.
+        if task.optimizer_groups is not None and task.weight_decay > 0:
+            self.optimizer = torch.optim.AdamW(task.optimizer_groups(task.weight_decay), lr=args.lr)
+        else:
+            self.optimizer = torch.optim.Adam(self.raw_model.parameters(), lr=args.lr)
+        self.scheduler = build_lr_scheduler(self.optimizer, args.lr_schedule, self.total_steps)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
+        self.epoch, self.step, self.batch_in_epoch, self.best_score, self.run_id = 0, 0, 0, math.inf, None
+        self.metrics, self.skipped = {}, 0
+
+    def restore(self, state):
+        """Continue from a last.pth: weights, optimizer, schedule, scaler, position, best score and RNG."""
+        self.raw_model.load_state_dict(state['model'])
+        self.optimizer.load_state_dict(state['optimizer'])
+        self.scheduler.load_state_dict(state['scheduler'])
+        self.scaler.load_state_dict(state['scaler'])
+        if self.optimizer.param_groups[0]['initial_lr'] != self.args.lr:  # an explicit --lr overrides the saved one
+            self.scheduler.base_lrs = [self.args.lr] * len(self.optimizer.param_groups)
+            for group, factor in zip(self.optimizer.param_groups, self.scheduler.lr_lambdas):
+                group['initial_lr'], group['lr'] = self.args.lr, self.args.lr * factor(self.scheduler.last_epoch)
+        self.epoch, self.step, self.batch_in_epoch = state['epoch'], state['step'], state['batch_in_epoch']
+        self.run_id = state.get('wandb_run_id')
+        if state.get('score_scope', '') == self.task.score_scope:
+            self.best_score = state['best_score']
+        else:  # e.g. a resume that trains the other level: the old best was a score of something else
+            print(f'the best score of the checkpoint ({state.get("score_scope")}) is not comparable with this run\'s '
+                  f'({self.task.score_scope}); best.pth starts afresh')
+        torch.set_rng_state(state['rng']['torch'])
+        if self.device.type == 'cuda' and state['rng'].get('cuda') is not None:
+            torch.cuda.set_rng_state(state['rng']['cuda'], self.device)
+        if self.epoch >= self.args.epochs or self.step >= self.total_steps:
+            raise UserError(f'nothing to do: the checkpoint is at epoch {self.epoch} and step {self.step}, already at '
+                            f'--epochs {self.args.epochs}' + (f' / --max_steps {self.args.max_steps}'
+                                                               if self.args.max_steps else '')
+                            + '; raise --epochs to train further')
+
+    def run(self):
+        """Train until args.epochs or args.max_steps; returns the last epoch's metrics."""
+        args = self.args
+        module = self.task.train_module or self.raw_model
+        model = torch.compile(module) if args.compile else module
+        if is_distributed():
+            model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == 'cuda' else None,
+                find_unused_parameters=self.task.find_unused_parameters)
+        self.model = model
+        self.tracker = Tracker(args.out_dir, vars(args), wandb_settings(args), enabled=self.is_main,
+                               run_id=self.run_id)
         model.train()
-        return metrics
+        while self.epoch < args.epochs and self.step < self.total_steps:
+            started, count = time.time(), self.train_epoch()
+            self.end_epoch(count, time.time() - started)
+        self.tracker.finish()
+        return self.metrics
 
-    # Train
-    metrics, skipped, stop = {}, 0, step >= total_steps
-    model.train()
-    while epoch < args.epochs and not stop:
-        sampler.set_epoch(epoch, start_batch)
-        sums, count, started = {}, 0, time.time()
-        bar = tqdm(loader, desc=f'epoch {epoch + 1}/{args.epochs}', disable=not is_main, dynamic_ncols=True,
-                   initial=start_batch, total=steps_per_epoch)
+    def train_epoch(self):
+        """Train until the end of the epoch (or max_steps); returns the mean training figures and batches done."""
+        args, sums, count, done = self.args, {}, 0, 0
+        self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
+        bar = tqdm(self.loader, desc=f'epoch {self.epoch + 1}/{args.epochs}', disable=not self.is_main,
+                   dynamic_ncols=True, initial=self.batch_in_epoch, total=self.steps_per_epoch)
         for batch in bar:
-            with _autocast(device, args.amp):
-                loss, step_metrics = task.training_step(model, batch)
-            finite = all_reduce_sum(torch.isfinite(loss.detach()).float().reshape(1)).item() == world_size
-            if not finite:
-                skipped += 1
-                if skipped > args.skip_nonfinite:
-                    if is_main:
-                        save('last.pth', metrics)
-                    barrier()
-                    raise UserError(f'the loss became NaN/inf at step {step + 1}; the last good state is in '
-                                    f'{os.path.join(args.out_dir, "last.pth")} (try a lower --lr, --amp none, or '
-                                    f'--skip_nonfinite N)')
-                optimizer.zero_grad(set_to_none=True)
-                start_batch += 1
+            done += 1
+            step_metrics = self.train_step(batch)
+            self.batch_in_epoch += 1
+            if step_metrics is None:  # a skipped non-finite batch
                 continue
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            step += 1
-            start_batch += 1
             for name, value in step_metrics.items():
                 sums[name] = sums.get(name, 0.0) + float(value)
             count += 1
             bar.set_postfix({name: f'{value / count:.4g}' for name, value in list(sums.items())[:3]})
-            if step % args.log_every == 0:
-                tracker.log({f'train/{k}': float(v) for k, v in step_metrics.items()}
-                            | {'train/lr': scheduler.get_last_lr()[0]}, step)
-            if args.save_every_steps and step % args.save_every_steps == 0 and is_main:
-                save('last.pth', metrics)
-            if step >= total_steps:
-                stop = True
+            if self.step % args.log_every == 0:
+                self.tracker.log({f'train/{k}': float(v) for k, v in step_metrics.items()}
+                                 | {'train/lr': self.scheduler.get_last_lr()[0]}, self.step)
+            if args.save_every_steps and self.step % args.save_every_steps == 0 and self.is_main:
+                self.save('last.pth')
+            if self.step >= self.total_steps:
                 break
         bar.close()
+        if done and not count:
+            raise UserError(f'every batch of epoch {self.epoch + 1} had a NaN/inf loss and was skipped; the model '
+                            f'has diverged: resume from an earlier checkpoint with a lower --lr, or use --amp none')
+        self.train_means = {k: v / max(count, 1) for k, v in sums.items()}
+        return count
 
-        finished_epoch = start_batch >= steps_per_epoch
-        if finished_epoch:
-            epoch, start_batch = epoch + 1, 0
-        metrics = {f'train_{k}': v / max(count, 1) for k, v in sums.items()}
-        metrics.update({f'val_{k}': v for k, v in validate().items()})
-        metrics.update(epoch=epoch + start_batch / steps_per_epoch, epoch_seconds=time.time() - started)
-        score = metrics[f'val_{task.score_key}']
-        if is_main:
-            tracker.log(metrics, step, write_file=True)
-            summary = ', '.join(f'{k} {v:.4g}' for k, v in metrics.items() if k.startswith('val_'))
+    def train_step(self, batch):
+        """One optimizer step; returns the step's figures, or None for a skipped non-finite batch."""
+        args = self.args
+        with _autocast(self.device, args.amp):
+            loss, step_metrics = self.task.training_step(self.model, batch)
+        finite = all_reduce_sum(torch.isfinite(loss.detach()).float().reshape(1)).item() == self.world_size
+        self.optimizer.zero_grad(set_to_none=True)
+        if not finite:
+            self.skipped += 1
+            if self.skipped > args.skip_nonfinite:
+                if self.is_main:
+                    self.save('last.pth')
+                barrier()
+                raise UserError(f'the loss became NaN/inf at step {self.step + 1}; the last good state is in '
+                                f'{os.path.join(args.out_dir, "last.pth")} (resume it with a lower --lr, or use '
+                                f'--amp none or --skip_nonfinite N)')
+            return None
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.step += 1
+        return step_metrics
+
+    def end_epoch(self, count, seconds):
+        """Validate, log, and write best.pth / last.pth (rank 0)."""
+        if self.batch_in_epoch >= self.steps_per_epoch:
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        val_metrics, histograms = self.validate()
+        score = val_metrics[self.task.score_key]
+        if not math.isfinite(score):
+            raise UserError(f'validation {self.task.score_key} is {score} after epoch {self.epoch}: the model has '
+                            f'diverged; resume from an earlier checkpoint with a lower --lr')
+        metrics = {f'train/{k}': v for k, v in self.train_means.items()}
+        metrics.update({f'val/{k}': v for k, v in val_metrics.items()})
+        metrics.update(epoch=self.epoch + self.batch_in_epoch / self.steps_per_epoch, epoch_seconds=seconds)
+        self.metrics = metrics
+        if self.is_main:
+            self.tracker.log(metrics, self.step, write_file=True)
+            self.tracker.log_histograms({f'val/code_counts/{k}': v for k, v in histograms.items()}, self.step)
+            summary = ', '.join(f'{k[4:]} {v:.4g}' for k, v in metrics.items() if k.startswith('val/'))
             tqdm.write(f'epoch {metrics["epoch"]:.3g}: {summary}')
-            if score < best_score:
-                best_score = score
-                save('best.pth', metrics)
-            save('last.pth', metrics)
-            if task.on_epoch_end is not None:
-                task.on_epoch_end(raw_model, epoch, tracker, step)
+            if score < self.best_score:
+                self.best_score = score
+                self.save('best.pth')
+            self.save('last.pth')
+            if self.task.on_epoch_end is not None:
+                self.task.on_epoch_end(self.raw_model, self.epoch, self.tracker, self.step)
         barrier()
-    tracker.finish()
-    return metrics
+
+    def validate(self):
+        """The task's validation figures over this rank's shard (summed over ranks by the task)."""
+        self.model.eval()
+        with torch.no_grad(), _autocast(self.device, self.args.amp):
+            metrics, histograms = self.task.evaluate(self.raw_model, self.val_loader)
+        self.model.train()
+        return metrics, histograms
+
+    def save(self, name):
+        """Write a checkpoint with everything a resume needs to continue exactly where this run is."""
+        state = {'kind': self.raw_model.kind, 'config': self.raw_model.config, 'model': self.raw_model.state_dict(),
+                 'optimizer': self.optimizer.state_dict(), 'scheduler': self.scheduler.state_dict(),
+                 'scaler': self.scaler.state_dict(), 'epoch': self.epoch, 'step': self.step,
+                 'batch_in_epoch': self.batch_in_epoch, 'metrics': self.metrics, 'best_score': self.best_score,
+                 'score_scope': self.task.score_scope, 'args': vars(self.args),
+                 'wandb_run_id': self.tracker.run_id,
+                 'rng': {'torch': torch.get_rng_state(),
+                         'cuda': torch.cuda.get_rng_state(self.device) if self.device.type == 'cuda' else None},
+                 **self.task.checkpoint_extra}
+        save_checkpoint(state, os.path.join(self.args.out_dir, name))

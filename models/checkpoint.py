@@ -1,8 +1,8 @@
 """Checkpoint files: plain dicts of tensors and primitives, written atomically and read with weights_only=True.
 
 Layout: {'format_version', 'kind', 'config', 'model', ...}; training scripts add 'optimizer', 'epoch', 'step',
-'metrics', 'dataset', 'image_size' and more (see PIXELCNN_PRIOR_README.md). `kind` and `config` are all that is
-needed to rebuild the model.
+'metrics', 'data' and more (see PIXELCNN_PRIOR_README.md). `kind`, `config` and `model` are all that is needed to
+rebuild the model.
 """
 
 import hashlib
@@ -13,7 +13,7 @@ import tempfile
 
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-level 'code_shapes' in prior checkpoints
 
 
 class CheckpointError(ValueError):
@@ -33,6 +33,7 @@ def atomic_save(state, path):
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp_path = tempfile.mkstemp(prefix='.tmp_', suffix='.pth', dir=folder)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes the file private (0600); give it the usual mode
         with os.fdopen(fd, 'wb') as f:
             torch.save(state, f)
             f.flush()
@@ -44,10 +45,26 @@ def atomic_save(state, path):
         raise
 
 
+def _umask():
+    """The process's umask (reading it means setting it, so it is set back at once)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def load_checkpoint(path, kinds=None, map_location='cpu'):
-    """Read a checkpoint safely (weights_only=True); raise CheckpointError if it is unusable or not one of `kinds`."""
-    if not os.path.isfile(path):
+    """Read a checkpoint safely (weights_only=True); raise CheckpointError if it is unusable or not of `kinds`.
+
+    `kinds` is one kind ('vq_vae2') or a tuple of kinds; None accepts any.
+    """
+    if isinstance(kinds, str):
+        kinds = (kinds,)
+    if os.path.isdir(path):
+        raise CheckpointError(f'{path} is a directory, not a checkpoint file (give e.g. {os.path.join(path, "best.pth")})')
+    if not os.path.exists(path):
         raise CheckpointError(f'checkpoint not found: {path}')
+    if not os.access(path, os.R_OK):
+        raise CheckpointError(f'cannot read checkpoint {path}: permission denied')
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -61,8 +78,22 @@ def load_checkpoint(path, kinds=None, map_location='cpu'):
                               f'{type(e).__name__}') from e
     if not isinstance(state, dict) or 'kind' not in state or 'config' not in state or 'model' not in state:
         raise CheckpointError(f'{path} is not a checkpoint of this repo (no kind/config/model entries)')
+    if not isinstance(state['kind'], str):
+        raise CheckpointError(f'{path}: kind must be a model kind name, got a {type(state["kind"]).__name__}')
+    if not isinstance(state['config'], dict):
+        raise CheckpointError(f'{path}: config must be a dict of settings, got a {type(state["config"]).__name__}')
+    if not isinstance(state['model'], dict) or not all(isinstance(v, torch.Tensor) for v in state['model'].values()):
+        raise CheckpointError(f'{path}: model must be a dict of weight tensors (a state_dict)')
     if kinds is not None and state['kind'] not in kinds:
         raise CheckpointError(f"{path} holds a {state['kind']} model, but a {' or '.join(kinds)} checkpoint is needed")
+    return _upgrade(state)
+
+
+def _upgrade(state):
+    """Bring a checkpoint of an older format up to date: format 1 stored a prior's grids as 'code_shape'."""
+    if state.get('format_version', 1) < 2 and 'code_shape' in state and 'code_shapes' not in state:
+        shape = state.pop('code_shape')
+        state['code_shapes'] = shape if isinstance(shape, dict) else {'flat': shape}
     return state
 
 

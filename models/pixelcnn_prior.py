@@ -14,10 +14,15 @@ starts, and the horizontal stack one position at a time from buffers of earlier 
 grid costs about one forward pass. `cached=False` runs the reference sampler: one full forward pass per position.
 """
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import ConfigError, ModelConfig, option
+from .prior import CodePrior, check_sampling_args, class_tensor, sample_from_logits
 from .vq_vae import ResBlock
 
 
@@ -140,69 +145,115 @@ class GatedResBlock(nn.Module):
             h_out = h + h_out
         return gate(v_pre), h_out
 
+    # One-position steps for the cached sampler: the same arithmetic as forward, on one row or one position.
+    def vertical_step(self, rows, bias=None):
+        """Vertical pre-activation of one row, [B, 2C, W].
+
+        `rows` [B, C_in, k//2 + 1, W + 2(k//2)] are the zero-padded input rows that the row sees: rows i - k//2 .. i
+        of the layer below for type B, and i - 1 - k//2 .. i - 1 of the embeddings for type A (its shift down).
+        `bias` is this row's conditioning, [B, 4C, W or 1].
+        """
+        v_pre = F.conv2d(rows, self.v_conv.weight, self.v_conv.bias)[:, :, 0]
+        if bias is not None:
+            v_pre = v_pre + bias[:, :bias.shape[1] // 2]
+        return v_pre
+
+    def step_weights(self):
+        """The horizontal path as one matrix product: (weight [window + 2C, 2C], bias [2C], proj weight, proj bias).
+
+        A step multiplies the flattened causal window of the layer below, concatenated with the vertical
+        pre-activation at the position, by `weight`: the h_conv and the vertical-to-horizontal link in one product.
+        Computed once per sampling call.
+        """
+        if self.mask_type == 'A':  # rows below the centre are masked to zero, so the window stops at the centre row
+            h_weight = (self.h_conv.weight * self.h_conv.mask)[:, :, :self.kernel_size // 2 + 1]
+        else:
+            h_weight = self.h_conv.weight
+        weight = torch.cat([h_weight.flatten(1), self.link.weight.flatten(1)], 1).t()
+        return weight, self.h_conv.bias + self.link.bias, self.h_proj.weight.flatten(1).t(), self.h_proj.bias
+
+    def horizontal_step(self, window, v_pre, h, weights, bias=None):
+        """Horizontal output at one position, [B, C].
+
+        `window` is what the position sees of the layer below: [B, C_in, k//2 + 1, k] embeddings (type A, zero
+        where masked or padded) or [B, C_in, k//2 + 1] of the current row (type B, ending at the position itself).
+        `v_pre` [B, 2C] is the vertical pre-activation there, `h` [B, C] the layer below's output there (for the
+        residual), `weights` from step_weights(), `bias` [B, 4C] the conditioning there.
+        """
+        weight, h_bias, proj_weight, proj_bias = weights
+        h_pre = torch.addmm(h_bias, torch.cat([window.flatten(1), v_pre], 1), weight)  # [B, 2C]
+        if bias is not None:
+            h_pre = h_pre + bias[:, bias.shape[1] // 2:]
+        h_out = torch.addmm(proj_bias, gate(h_pre), proj_weight)
+        return h + h_out if self.residual else h_out
+
+
+class OutputHead(nn.Sequential):
+    """ReLU -> 1x1 conv -> ReLU -> 1x1 conv to logits over the codebook; `step` does the same at one position."""
+
+    def __init__(self, channels, num_embeddings):
+        super().__init__(nn.ReLU(), nn.Conv2d(channels, channels, 1), nn.ReLU(),
+                         nn.Conv2d(channels, num_embeddings, 1))
+
+    def step(self, h):
+        """Features [B, C] at one position -> logits [B, K]."""
+        hidden = torch.relu(F.linear(torch.relu(h), self[1].weight.flatten(1), self[1].bias))
+        return F.linear(hidden, self[3].weight.flatten(1), self[3].bias)
+
 
 # ----------------------------------------------------------------------------------------------------------------
-# Sampling helpers
+# Config
 
-def sample_from_logits(logits, temperature=1.0, top_k=None, generator=None):
-    """Draw one index per row of logits [B, K] by inverse-CDF sampling, using exactly one uniform number per row.
+@dataclass
+class PixelCNNConfig(ModelConfig):
+    """Hyperparameters of a (flat) gated PixelCNN prior."""
 
-    Consuming a fixed amount of randomness is what lets the cached and the reference sampler draw identical codes
-    from the same generator.
-    """
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[1]:
-        kth = logits.topk(top_k, dim=1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float('-inf'))
-    cdf = logits.softmax(dim=1).cumsum(dim=1)
-    uniform = torch.rand(logits.shape[0], 1, generator=generator,
-                         device=generator.device if generator is not None else logits.device)
-    # 1 - U lies in (0, 1], so a code of probability zero (outside the top k, or underflowed) is never picked.
-    uniform = (1 - uniform.to(logits.device)) * cdf[:, -1:]
-    return (cdf < uniform).sum(dim=1).clamp_(max=logits.shape[1] - 1)
+    num_embeddings: int = option(512, 'codebook size (taken from the VQ checkpoint)', low=2, high=32768)
+    embedding_dim: int = option(64, 'size of the code embedding at the input', low=1, high=4096)
+    hidden_channels: int = option(128, 'channels per gated layer', low=1, high=4096)
+    num_layers: int = option(15, 'gated layers per level', low=1, high=256)
+    num_classes: Optional[int] = option(None, 'classes of a class-conditional prior, else none', low=2,
+                                        high=100000)
+    cond_channels: Optional[int] = option(None, 'channels of a spatial conditioning map, else none', low=1,
+                                          high=4096)
+    kernel_size: int = option(3, 'kernel size of the gated layers after the first (odd)', low=1, high=31)
+    first_kernel_size: int = option(7, 'kernel size of the first gated layer (odd)', low=1, high=31)
 
-
-def check_sampling_args(temperature, top_k):
-    """Raise ValueError for temperature <= 0 or top_k < 1."""
-    if not temperature > 0:
-        raise ValueError(f'temperature must be > 0, got {temperature}')
-    if top_k is not None and top_k < 1:
-        raise ValueError(f'top_k must be >= 1, got {top_k}')
+    def check(self):
+        for name in ('kernel_size', 'first_kernel_size'):
+            if getattr(self, name) % 2 != 1:
+                raise ConfigError(f'{name} must be odd, got {getattr(self, name)}')
 
 
-def _class_tensor(class_labels, batch_size, device):
-    """Class labels as a LongTensor [B] (an int is repeated), or None."""
-    if class_labels is None:
-        return None
-    if isinstance(class_labels, int):
-        return torch.full((batch_size,), class_labels, dtype=torch.long, device=device)
-    return torch.as_tensor(class_labels, dtype=torch.long, device=device).expand(batch_size)
+@dataclass
+class HierarchicalPixelCNNConfig(PixelCNNConfig):
+    """Hyperparameters of the two-level prior: a PixelCNN per level and the top-code conditioner."""
+
+    conditioner_res_blocks: int = option(2, 'residual blocks of the top-code conditioner', low=0, high=64)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Models
 
-class PixelCNN(nn.Module):
+class PixelCNN(CodePrior):
     """Single-level prior: codes [B, H, W] -> embedding -> gated layers -> logits [B, num_embeddings, H, W]."""
 
     kind = 'pixelcnn'
+    levels = ('flat',)
 
-    def __init__(self, num_embeddings=512, embedding_dim=64, hidden_channels=128, num_layers=15, num_classes=None,
-                 cond_channels=None, kernel_size=3, first_kernel_size=7):
+    def __init__(self, **config):
         super().__init__()
-        self.config = dict(num_embeddings=num_embeddings, embedding_dim=embedding_dim,
-                           hidden_channels=hidden_channels, num_layers=num_layers, num_classes=num_classes,
-                           cond_channels=cond_channels, kernel_size=kernel_size, first_kernel_size=first_kernel_size)
-        self.num_embeddings = num_embeddings
-        self.num_classes = num_classes
-        self.embedding = nn.Embedding(num_embeddings, embedding_dim)
-        block_args = dict(num_classes=num_classes, cond_channels=cond_channels)
+        cfg = PixelCNNConfig.from_dict(config)
+        self.config = cfg.to_dict()
+        self.num_embeddings = cfg.num_embeddings
+        self.num_classes = cfg.num_classes
+        self.embedding = nn.Embedding(cfg.num_embeddings, cfg.embedding_dim)
+        block_args = dict(num_classes=cfg.num_classes, cond_channels=cfg.cond_channels)
         self.blocks = nn.ModuleList(
-            [GatedResBlock(embedding_dim, hidden_channels, first_kernel_size, 'A', **block_args)]
-            + [GatedResBlock(hidden_channels, hidden_channels, kernel_size, 'B', **block_args)
-               for _ in range(num_layers - 1)])
-        self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(hidden_channels, hidden_channels, 1), nn.ReLU(),
-                                  nn.Conv2d(hidden_channels, num_embeddings, 1))
+            [GatedResBlock(cfg.embedding_dim, cfg.hidden_channels, cfg.first_kernel_size, 'A', **block_args)]
+            + [GatedResBlock(cfg.hidden_channels, cfg.hidden_channels, cfg.kernel_size, 'B', **block_args)
+               for _ in range(cfg.num_layers - 1)])
+        self.head = OutputHead(cfg.hidden_channels, cfg.num_embeddings)
 
     def forward(self, codes, cond=None, class_labels=None):
         """Codes [B, H, W] (+ cond [B, cond_channels, H, W], class_labels [B]) -> logits [B, K, H, W]."""
@@ -212,75 +263,84 @@ class PixelCNN(nn.Module):
             v, h = block(v, h, cond, class_labels)
         return self.head(h)
 
-    def loss(self, codes, cond=None, class_labels=None):
-        """Mean cross-entropy of the codes under the prior, in nats per code (bits per code = nats / ln 2)."""
-        return F.cross_entropy(self(codes, cond, class_labels), codes)
+    def loss(self, codes, cond=None, class_labels=None, reduction='mean'):
+        """Cross-entropy of the codes under the prior, in nats (bits = nats / ln 2), averaged or summed."""
+        return F.cross_entropy(self(codes, cond, class_labels), codes, reduction=reduction)
+
+    def level_logits(self, codes, class_labels=None, levels=None):
+        """{'flat': codes [B, H, W]} -> {'flat': logits [B, K, H, W]}."""
+        return {'flat': self(codes['flat'], class_labels=class_labels)}
 
     @torch.no_grad()
     def sample(self, batch_size, shape, temperature=1.0, top_k=None, class_labels=None, cond=None, generator=None,
-               cached=True):
+               cached=True, top_p=None):
         """Sample codes [B, H, W] in raster order; `cached=False` runs one full forward pass per position."""
-        check_sampling_args(temperature, top_k)
+        check_sampling_args(temperature, top_k, top_p)
         device = self.embedding.weight.device
-        class_labels = _class_tensor(class_labels, batch_size, device)
+        class_labels = class_tensor(class_labels, batch_size, device)
         codes = torch.zeros(batch_size, *shape, dtype=torch.long, device=device)
+        draw = lambda logits: sample_from_logits(logits, temperature, top_k, generator, top_p)  # noqa: E731
         if cached:
-            return self._sample_cached(codes, cond, class_labels, temperature, top_k, generator)
+            return self._sample_cached(codes, cond, class_labels, draw)
         for i in range(shape[0]):
             for j in range(shape[1]):
-                logits = self(codes, cond, class_labels)[:, :, i, j]
-                codes[:, i, j] = sample_from_logits(logits, temperature, top_k, generator)
+                codes[:, i, j] = draw(self(codes, cond, class_labels)[:, :, i, j])
         return codes
+
+    def sample_levels(self, batch_size, shapes, temperature=1.0, top_k=None, top_p=None, class_labels=None,
+                      generator=None, cached=True):
+        """{'flat': codes [B, H, W]} on the grid shapes['flat']."""
+        return {'flat': self.sample(batch_size, shapes['flat'], temperature, top_k, class_labels, generator=generator,
+                                    cached=cached, top_p=top_p)}
 
     @torch.no_grad()
     def sample_with_vqvae(self, vqvae, batch_size, device=None, temperature=1.0, top_k=None, class_labels=None,
-                          generator=None, cached=True):
+                          generator=None, cached=True, top_p=None):
         """Sample codes on the VQ-VAE's code grid and decode them: images [B, C, S, S] in [-1, 1]."""
-        if vqvae.num_embeddings != self.num_embeddings:
-            raise ValueError(f'the prior has {self.num_embeddings} codes but the VQ-VAE has {vqvae.num_embeddings}')
-        device = device or self.embedding.weight.device
-        self.to(device).eval()
-        vqvae.to(device).eval()
-        codes = self.sample(batch_size, vqvae.code_shape(), temperature, top_k, class_labels,
-                            generator=generator, cached=cached)
-        return vqvae.decode_codes(codes)
+        return self.sample_with_vq(vqvae, batch_size, device, temperature, top_k, top_p, class_labels, generator,
+                                   cached)
 
-    def _sample_cached(self, codes, cond, class_labels, temperature, top_k, generator):
-        """Fill `codes` [B, H, W] position by position, computing each layer only where the new position needs it."""
+    def _sample_cached(self, codes, cond, class_labels, draw):
+        """Fill `codes` [B, H, W] position by position, computing each layer only where the new position needs it.
+
+        Row i of the vertical stack depends on rows < i only, so it is computed once when row i starts; the
+        horizontal stack is then stepped one position at a time, reading buffers of earlier activations.
+        """
         batch, height, width = codes.shape
-        first, blocks = self.blocks[0], self.blocks[1:]
+        first = self.blocks[0]
         dtype = self.embedding.weight.dtype
         p0 = first.kernel_size // 2
-        p = blocks[0].kernel_size // 2 if len(blocks) else 0
+        p = self.blocks[1].kernel_size // 2 if len(self.blocks) > 1 else 0
         hidden = first.h_proj.out_channels
 
         # Zero padding in these buffers stands in for the convolutions' zero padding.
         x_buf = codes.new_zeros(batch, self.embedding.embedding_dim, height + p0, width + 2 * p0, dtype=dtype)
         v_bufs = [codes.new_zeros(batch, hidden, height + p, width + 2 * p, dtype=dtype) for _ in self.blocks]
         biases = [block.conditioning(cond, class_labels) for block in self.blocks]  # [B, 4C, H|1, W|1] or None
+        weights = [block.step_weights() for block in self.blocks]
 
-        # Each horizontal step is one matrix product over [flattened causal window, vertical pre-activation].
-        first_w = (first.h_conv.weight * first.h_conv.mask)[:, :, :p0 + 1]  # rows below the centre are all zero
-        weights = [torch.cat([first_w.flatten(1), first.link.weight.flatten(1)], 1).t()]
-        weights += [torch.cat([b.h_conv.weight.flatten(1), b.link.weight.flatten(1)], 1).t() for b in blocks]
-        h_biases = [block.h_conv.bias + block.link.bias for block in self.blocks]
-        proj = [(block.h_proj.weight.flatten(1).t(), block.h_proj.bias) for block in self.blocks]
-        head1, head2 = self.head[1], self.head[3]
+        def bias_at(index, i, j=None):  # conditioning of block `index` at row i (and column j), or None
+            bias = biases[index]
+            if bias is None:
+                return None
+            row = bias[:, :, min(i, bias.shape[2] - 1)]  # [B, 4C, W or 1]
+            return row if j is None else row[:, :, min(j, row.shape[2] - 1)]
 
         for i in range(height):
-            # Vertical stack for the whole of row i: it depends on rows < i only, which are all known now.
+            # Vertical stack for the whole of row i.
             v_rows = []
             for index, block in enumerate(self.blocks):
                 if index == 0:
-                    v_pre = (F.conv2d(x_buf[:, :, i - 1:i + p0], block.v_conv.weight, block.v_conv.bias)
-                             if i > 0 else x_buf.new_zeros(batch, 2 * hidden, 1, width))
+                    rows = x_buf[:, :, i - 1:i + p0] if i > 0 else None
                 else:
-                    v_pre = F.conv2d(v_bufs[index - 1][:, :, i:i + p + 1], block.v_conv.weight, block.v_conv.bias)
-                v_pre = v_pre[:, :, 0]  # [B, 2C, W]
-                bias = biases[index]
-                if bias is not None:
-                    v_pre = v_pre + bias[:, :2 * hidden, min(i, bias.shape[2] - 1)]
-                v_rows.append(v_pre)
+                    rows = v_bufs[index - 1][:, :, i:i + p + 1]
+                if rows is None:  # row 0 of the first layer sees nothing above it
+                    v_pre = x_buf.new_zeros(batch, 2 * hidden, width)
+                    if biases[0] is not None:
+                        v_pre = v_pre + bias_at(0, i)[:, :2 * hidden]
+                else:
+                    v_pre = block.vertical_step(rows, bias_at(index, i))
+                v_rows.append(v_pre)  # [B, 2C, W]
                 v_bufs[index][:, :, i + p, p:p + width] = gate(v_pre)
 
             # Horizontal stack, one position at a time; it only ever needs row i of the layer below.
@@ -292,19 +352,9 @@ class PixelCNN(nn.Module):
                         window = x_buf[:, :, i:i + p0 + 1, j:j + 2 * p0 + 1]
                     else:
                         window = h_rows[index - 1][:, :, j:j + p + 1]
-                    inputs = torch.cat([window.flatten(1), v_rows[index][:, :, j]], 1)
-                    h_pre = torch.addmm(h_biases[index], inputs, weights[index])  # [B, 2C]
-                    bias = biases[index]
-                    if bias is not None:
-                        h_pre = h_pre + bias[:, 2 * hidden:, min(i, bias.shape[2] - 1), min(j, bias.shape[3] - 1)]
-                    h_new = torch.addmm(proj[index][1], gate(h_pre), proj[index][0])
-                    if block.residual:
-                        h_new = h_new + h
-                    h_rows[index][:, :, j + p] = h_new
-                    h = h_new
-                hidden_out = torch.relu(F.linear(torch.relu(h), head1.weight.flatten(1), head1.bias))
-                logits = F.linear(hidden_out, head2.weight.flatten(1), head2.bias)
-                code = sample_from_logits(logits, temperature, top_k, generator)
+                    h = block.horizontal_step(window, v_rows[index][:, :, j], h, weights[index], bias_at(index, i, j))
+                    h_rows[index][:, :, j + p] = h
+                code = draw(self.head.step(h))
                 codes[:, i, j] = code
                 x_buf[:, :, i + p0, j + p0] = self.embedding(code)
         return codes
@@ -317,7 +367,7 @@ class TopConditioner(nn.Module):
         super().__init__()
         self.embedding = nn.Embedding(num_embeddings, embedding_dim)
         self.net = nn.Sequential(nn.Conv2d(embedding_dim, channels, 3, padding=1),
-                                 *[ResBlock(channels, channels // 2) for _ in range(num_res_blocks)],
+                                 *[ResBlock(channels, max(1, channels // 2)) for _ in range(num_res_blocks)],
                                  nn.ReLU())
 
     def forward(self, codes_top, bottom_shape):
@@ -326,7 +376,7 @@ class TopConditioner(nn.Module):
         return self.net(F.interpolate(x, size=tuple(bottom_shape), mode='nearest'))
 
 
-class HierarchicalPixelCNN(nn.Module):
+class HierarchicalPixelCNN(CodePrior):
     """Two-level prior for VQ-VAE-2: `prior_top` over the top codes, `prior_bottom` over the bottom codes given the top.
 
     The bottom prior sees the top codes through `conditioner` (convolutions over the top codes upsampled to the
@@ -334,23 +384,21 @@ class HierarchicalPixelCNN(nn.Module):
     """
 
     kind = 'hierarchical_pixelcnn'
+    levels = ('top', 'bottom')
 
-    def __init__(self, num_embeddings=512, embedding_dim=64, hidden_channels=128, num_layers=15, num_classes=None,
-                 cond_channels=None, kernel_size=3, first_kernel_size=7, conditioner_res_blocks=2):
+    def __init__(self, **config):
         super().__init__()
-        cond_channels = cond_channels or hidden_channels
-        self.config = dict(num_embeddings=num_embeddings, embedding_dim=embedding_dim,
-                           hidden_channels=hidden_channels, num_layers=num_layers, num_classes=num_classes,
-                           cond_channels=cond_channels, kernel_size=kernel_size, first_kernel_size=first_kernel_size,
-                           conditioner_res_blocks=conditioner_res_blocks)
-        self.num_embeddings = num_embeddings
-        self.num_classes = num_classes
-        level_args = dict(num_embeddings=num_embeddings, embedding_dim=embedding_dim, hidden_channels=hidden_channels,
-                          num_layers=num_layers, num_classes=num_classes, kernel_size=kernel_size,
-                          first_kernel_size=first_kernel_size)
-        self.prior_top = PixelCNN(**level_args)
-        self.prior_bottom = PixelCNN(cond_channels=cond_channels, **level_args)
-        self.conditioner = TopConditioner(num_embeddings, embedding_dim, cond_channels, conditioner_res_blocks)
+        cfg = HierarchicalPixelCNNConfig.from_dict(config)
+        cfg.cond_channels = cfg.cond_channels or cfg.hidden_channels
+        self.config = cfg.to_dict()
+        self.num_embeddings = cfg.num_embeddings
+        self.num_classes = cfg.num_classes
+        level_config = {name: value for name, value in self.config.items()
+                        if name not in ('cond_channels', 'conditioner_res_blocks')}
+        self.prior_top = PixelCNN(**level_config)
+        self.prior_bottom = PixelCNN(cond_channels=cfg.cond_channels, **level_config)
+        self.conditioner = TopConditioner(cfg.num_embeddings, cfg.embedding_dim, cfg.cond_channels,
+                                          cfg.conditioner_res_blocks)
 
     def forward(self, codes_top, codes_bottom, class_labels=None, levels=('top', 'bottom')):
         """(codes_top [B, h, w], codes_bottom [B, H, W]) -> (logits_top [B, K, h, w], logits_bottom [B, K, H, W]).
@@ -364,37 +412,40 @@ class HierarchicalPixelCNN(nn.Module):
             logits_bottom = self.prior_bottom(codes_bottom, cond, class_labels)
         return logits_top, logits_bottom
 
-    def loss(self, codes_top, codes_bottom, class_labels=None, levels=('top', 'bottom')):
-        """Mean cross-entropy in nats per code for each requested level, as a dict {'top': ..., 'bottom': ...}."""
-        logits = dict(zip(('top', 'bottom'), self(codes_top, codes_bottom, class_labels, levels)))
-        codes = {'top': codes_top, 'bottom': codes_bottom}
-        return {level: F.cross_entropy(logits[level], codes[level]) for level in levels}
+    def level_logits(self, codes, class_labels=None, levels=None):
+        """{'top': codes, 'bottom': codes} -> {level: logits [B, K, h, w]} for `levels` (default: both)."""
+        levels = tuple(levels or self.levels)
+        logits = self(codes['top'], codes.get('bottom'), class_labels, levels)
+        return {level: value for level, value in zip(self.levels, logits) if level in levels}
+
+    def loss(self, codes_top, codes_bottom, class_labels=None, levels=('top', 'bottom'), reduction='mean'):
+        """Cross-entropy in nats for each requested level, as a dict {'top': ..., 'bottom': ...}."""
+        return self.level_losses({'top': codes_top, 'bottom': codes_bottom}, class_labels, levels, reduction)
 
     @torch.no_grad()
     def sample(self, batch_size, top_shape, bottom_shape, temperature=1.0, top_k=None, class_labels=None,
-               generator=None, cached=True):
+               generator=None, cached=True, top_p=None):
         """Sample the top codes, then the bottom codes given them: (codes_top [B, h, w], codes_bottom [B, H, W])."""
         codes_top = self.prior_top.sample(batch_size, top_shape, temperature, top_k, class_labels,
-                                          generator=generator, cached=cached)
+                                          generator=generator, cached=cached, top_p=top_p)
         cond = self.conditioner(codes_top, bottom_shape)
         codes_bottom = self.prior_bottom.sample(batch_size, bottom_shape, temperature, top_k, class_labels, cond,
-                                                generator=generator, cached=cached)
+                                                generator=generator, cached=cached, top_p=top_p)
         return codes_top, codes_bottom
+
+    def sample_levels(self, batch_size, shapes, temperature=1.0, top_k=None, top_p=None, class_labels=None,
+                      generator=None, cached=True):
+        """{'top': codes, 'bottom': codes} on the grids `shapes`."""
+        codes = self.sample(batch_size, shapes['top'], shapes['bottom'], temperature, top_k, class_labels, generator,
+                            cached, top_p)
+        return dict(zip(self.levels, codes))
 
     @torch.no_grad()
     def sample_with_vqvae2(self, vqvae2, batch_size=64, device=None, temperature=1.0, top_k=None, class_labels=None,
-                           generator=None, cached=True):
+                           generator=None, cached=True, top_p=None):
         """Sample both levels on the VQ-VAE-2's code grids and decode them: images [B, C, S, S] in [-1, 1]."""
-        if vqvae2.num_embeddings != self.num_embeddings:
-            raise ValueError(f'the prior has {self.num_embeddings} codes but the VQ-VAE-2 has '
-                             f'{vqvae2.num_embeddings}')
-        device = device or self.prior_top.embedding.weight.device
-        self.to(device).eval()
-        vqvae2.to(device).eval()
-        top_shape, bottom_shape = vqvae2.code_shape()
-        codes_top, codes_bottom = self.sample(batch_size, top_shape, bottom_shape, temperature, top_k, class_labels,
-                                              generator, cached)
-        return vqvae2.decode_codes(codes_top, codes_bottom)
+        return self.sample_with_vq(vqvae2, batch_size, device, temperature, top_k, top_p, class_labels, generator,
+                                   cached)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -24,6 +24,14 @@ def _broadcast(tensor):
     return tensor
 
 
+def code_statistics(counts):
+    """(perplexity, fraction of codes used) from code counts [K]; perplexity = exp(entropy of the code frequencies)."""
+    counts = counts.detach().float()
+    probs = counts / counts.sum().clamp(min=1)
+    entropy = -(probs * torch.log(probs.clamp(min=1e-30))).sum()
+    return torch.exp(entropy), (counts > 0).float().mean()
+
+
 class VectorQuantizer(nn.Module):
     """Maps each D-dim feature vector to its nearest of `num_embeddings` codes, with straight-through gradients.
 
@@ -74,15 +82,21 @@ class VectorQuantizer(nn.Module):
         """Quantize z [B, D, H, W]; returns (quantized with straight-through gradient, indices [B,H,W], stats dict)."""
         input_dtype = z.dtype
         # Distances and EMA sums lose codes in half precision, so the quantizer always works in float32.
-        with torch.autocast(device_type=z.device.type, enabled=False):
+        # (A shape-only trace on the meta device, for memory estimates, has no autocast of its own.)
+        with torch.autocast(device_type='cpu' if z.device.type == 'meta' else z.device.type, enabled=False):
             z = z.float()
             b, d, h, w = z.shape
             flat = z.permute(0, 2, 3, 1).reshape(-1, d)  # [N, D], N = B*H*W
-            indices = self.nearest_codes(flat.detach())
-            one_hot = F.one_hot(indices, self.num_embeddings).type(flat.dtype)  # [N, K]
+            indices = self.nearest_codes(flat.detach())  # [N]
+            # Counts and sums per code by scattering, not through a dense one-hot [N, K] matrix: that matrix and
+            # its product with `flat` cost hundreds of MB per step at 64x64 codes and 512 entries.
+            if indices.device.type == 'meta':  # a shape-only trace (memory estimates) has no values to count
+                counts = flat.new_zeros(self.num_embeddings)
+            else:
+                counts = torch.bincount(indices, minlength=self.num_embeddings).float()  # [K]
 
             if self.training and self.ema:
-                self._ema_update(flat.detach(), one_hot)
+                self._ema_update(flat.detach(), indices, counts)
 
             quantized = F.embedding(indices, self.codebook().float()).view(b, h, w, d).permute(0, 3, 1, 2)
             commitment_loss = F.mse_loss(z, quantized.detach())
@@ -91,23 +105,21 @@ class VectorQuantizer(nn.Module):
                 loss = loss + F.mse_loss(quantized, z.detach())
             quantized_st = z + (quantized - z).detach()
 
-            counts = one_hot.sum(0)
-            probs = counts / counts.sum()
-            perplexity = torch.exp(-(probs * torch.log(probs + 1e-10)).sum())
+            perplexity, usage = code_statistics(counts)
             stats = {
                 'vq_loss': loss,
                 'commitment_loss': commitment_loss.detach(),
-                'perplexity': perplexity.detach(),
-                'code_usage': (counts > 0).float().mean().detach(),
-                'code_counts': counts.detach(),
+                'perplexity': perplexity,
+                'code_usage': usage,
+                'code_counts': counts,
             }
         return quantized_st.to(input_dtype), indices.view(b, h, w), stats
 
     @torch.no_grad()
-    def _ema_update(self, flat, one_hot):
+    def _ema_update(self, flat, indices, counts):
         """One EMA step of cluster sizes and sums (summed over DDP ranks), Laplace smoothing, then dead-code restarts."""
-        counts = _all_reduce(one_hot.sum(0))  # [K]
-        sums = _all_reduce(one_hot.t() @ flat)  # [K, D]
+        counts = _all_reduce(counts.clone())  # [K]
+        sums = _all_reduce(flat.new_zeros(self.num_embeddings, flat.shape[1]).index_add_(0, indices, flat))  # [K, D]
         # Every vector lands in one row of the (all-reduced) sums, so all ranks agree whether a NaN/inf came in. Such a
         # batch must leave the codebook as it was: the trainer then stops with the state before it, or skips it.
         if not torch.isfinite(sums).all():

@@ -4,10 +4,12 @@ Images are expected in [-1, 1]. With the defaults a 32x32 image becomes an 8x8 g
 """
 
 import math
+from dataclasses import dataclass
 
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .config import ModelConfig, option
 from .quantizer import VectorQuantizer
 
 
@@ -82,30 +84,51 @@ class Decoder(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Config (shared by VQ-VAE and VQ-VAE-2)
+
+@dataclass
+class VQConfig(ModelConfig):
+    """Hyperparameters of a VQ-VAE or VQ-VAE-2; the one place where their defaults, ranges and help live."""
+
+    in_channels: int = option(3, 'image channels (set from the dataset)', low=1, high=64)
+    image_size: int = option(32, 'square image size (set from the dataset)', low=2, high=4096)
+    hidden_channels: int = option(128, 'channels of the encoder and decoder', low=2, high=4096)
+    num_res_blocks: int = option(2, 'residual blocks in the encoder and in the decoder', low=0, high=64)
+    res_channels: int = option(32, 'channels inside each residual block', low=1, high=4096)
+    num_embeddings: int = option(512, 'codes in each codebook', low=2, high=32768)  # the code cache stores int16
+    embedding_dim: int = option(64, 'size of each code vector', low=1, high=4096)
+    downsample: int = option(4, 'bottom-level downsampling factor', choices=(2, 4, 8))
+    commitment_cost: float = option(0.25, 'weight of the commitment loss (beta)', low=0.0, high=100.0)
+    ema: bool = option(True, 'learn the codebook by EMA updates (else by a codebook loss)')
+    decay: float = option(0.99, 'EMA decay of the codebook statistics', low=0.0, below=1.0)
+    dead_code_threshold: float = option(1.0, 'restart codes whose EMA cluster size falls below this; 0 disables',
+                                        low=0.0, high=1e6)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Model
 
 class VQVAE(nn.Module):
     """Single-level VQ-VAE: image [B, C, S, S] -> codes [B, S/d, S/d] -> reconstruction, with d = `downsample`."""
 
     kind = 'vq_vae'
+    levels = ('flat',)
 
-    def __init__(self, in_channels=3, image_size=32, hidden_channels=128, num_res_blocks=2, res_channels=32,
-                 num_embeddings=512, embedding_dim=64, downsample=4, commitment_cost=0.25, ema=True, decay=0.99,
-                 dead_code_threshold=1.0):
+    def __init__(self, **config):
         super().__init__()
-        self.config = dict(in_channels=in_channels, image_size=image_size, hidden_channels=hidden_channels,
-                           num_res_blocks=num_res_blocks, res_channels=res_channels, num_embeddings=num_embeddings,
-                           embedding_dim=embedding_dim, downsample=downsample, commitment_cost=commitment_cost,
-                           ema=ema, decay=decay, dead_code_threshold=dead_code_threshold)
-        self.num_embeddings = num_embeddings
-        self.image_size = image_size
-        self.downsample = downsample
-        self.code_shape(image_size)  # fail early on a size the downsampling cannot take
-        self.encoder = Encoder(in_channels, hidden_channels, num_res_blocks, res_channels, downsample)
-        self.pre_quantize = nn.Conv2d(hidden_channels, embedding_dim, 1)
-        self.quantizer = VectorQuantizer(num_embeddings, embedding_dim, commitment_cost, ema, decay,
-                                         dead_code_threshold=dead_code_threshold)
-        self.decoder = Decoder(embedding_dim, in_channels, hidden_channels, num_res_blocks, res_channels, downsample)
+        cfg = VQConfig.from_dict(config)
+        self.config = cfg.to_dict()
+        self.num_embeddings = cfg.num_embeddings
+        self.image_size = cfg.image_size
+        self.downsample = cfg.downsample
+        self.code_shape(cfg.image_size)  # fail early on a size the downsampling cannot take
+        self.encoder = Encoder(cfg.in_channels, cfg.hidden_channels, cfg.num_res_blocks, cfg.res_channels,
+                               cfg.downsample)
+        self.pre_quantize = nn.Conv2d(cfg.hidden_channels, cfg.embedding_dim, 1)
+        self.quantizer = VectorQuantizer(cfg.num_embeddings, cfg.embedding_dim, cfg.commitment_cost, cfg.ema,
+                                         cfg.decay, dead_code_threshold=cfg.dead_code_threshold)
+        self.decoder = Decoder(cfg.embedding_dim, cfg.in_channels, cfg.hidden_channels, cfg.num_res_blocks,
+                               cfg.res_channels, cfg.downsample)
 
     def code_shape(self, image_size=None):
         """The (H, W) code grid for square images of `image_size` (default: the size the model was built for)."""
@@ -130,19 +153,33 @@ class VQVAE(nn.Module):
         """Image [B, C, S, S] -> LongTensor of code indices [B, h, w]."""
         return self.encode(x)[1]
 
+    # The per-level interface (see models/prior.py): one level, 'flat'.
+    def level_codes(self, x):
+        """Image [B, C, S, S] -> {'flat': codes [B, h, w]}."""
+        return {'flat': self.get_code_indices(x)}
+
+    def level_shapes(self, image_size=None):
+        """{'flat': (h, w)}."""
+        return {'flat': self.code_shape(image_size)}
+
+    def decode_level_codes(self, codes):
+        """{'flat': codes [B, h, w]} -> image [B, C, S, S]."""
+        return self.decode_codes(codes['flat'])
+
     def forward(self, x):
-        """Returns (reconstruction, dict with 'loss', 'recon_loss', 'vq_loss', 'perplexity', 'code_usage', ...)."""
+        """Returns (reconstruction, {'loss', 'recon_loss', 'vq_loss', 'levels': {'flat': quantizer stats}})."""
         quantized, _, stats = self.encode(x)
         recon = self.decode(quantized)
         recon_loss = F.mse_loss(recon, x)
-        return recon, {'loss': recon_loss + stats['vq_loss'], 'recon_loss': recon_loss, **stats}
+        return recon, {'loss': recon_loss + stats['vq_loss'], 'recon_loss': recon_loss, 'vq_loss': stats['vq_loss'],
+                       'levels': {'flat': stats}}
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Presets
+# Presets (VQ-VAE and VQ-VAE-2 share them)
 
-VQVAE_PRESETS = {
-    'default': {},  # 32x32 RGB, 8x8 codes
+VQ_PRESETS = {
+    'default': {},  # 32x32 RGB: 8x8 codes (VQ-VAE), 4x4 top + 8x8 bottom (VQ-VAE-2)
     'small': dict(hidden_channels=64, res_channels=32, num_embeddings=256, embedding_dim=32),
     'large': dict(hidden_channels=256, num_res_blocks=4, res_channels=64),
 }

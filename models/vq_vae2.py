@@ -11,40 +11,37 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .quantizer import VectorQuantizer
-from .vq_vae import Decoder, Encoder
+from .vq_vae import Decoder, Encoder, VQConfig
 
 
 class VQVAE2(nn.Module):
     """Two-level VQ-VAE: image [B, C, S, S] -> (codes_top [B, S/2d, S/2d], codes_bottom [B, S/d, S/d])."""
 
     kind = 'vq_vae2'
+    levels = ('top', 'bottom')
 
-    def __init__(self, in_channels=3, image_size=32, hidden_channels=128, num_res_blocks=2, res_channels=32,
-                 num_embeddings=512, embedding_dim=64, downsample=4, commitment_cost=0.25, ema=True, decay=0.99,
-                 dead_code_threshold=1.0):
+    def __init__(self, **config):
         super().__init__()
-        self.config = dict(in_channels=in_channels, image_size=image_size, hidden_channels=hidden_channels,
-                           num_res_blocks=num_res_blocks, res_channels=res_channels, num_embeddings=num_embeddings,
-                           embedding_dim=embedding_dim, downsample=downsample, commitment_cost=commitment_cost,
-                           ema=ema, decay=decay, dead_code_threshold=dead_code_threshold)
-        self.num_embeddings = num_embeddings
-        self.image_size = image_size
-        self.downsample = downsample
-        self.code_shape(image_size)  # fail early on a size the downsampling cannot take
-        quantizer_args = dict(num_embeddings=num_embeddings, embedding_dim=embedding_dim,
-                              commitment_cost=commitment_cost, ema=ema, decay=decay,
-                              dead_code_threshold=dead_code_threshold)
+        cfg = VQConfig.from_dict(config)
+        self.config = cfg.to_dict()
+        self.num_embeddings = cfg.num_embeddings
+        self.image_size = cfg.image_size
+        self.downsample = cfg.downsample
+        self.code_shape(cfg.image_size)  # fail early on a size the downsampling cannot take
+        quantizer_args = dict(num_embeddings=cfg.num_embeddings, embedding_dim=cfg.embedding_dim,
+                              commitment_cost=cfg.commitment_cost, ema=cfg.ema, decay=cfg.decay,
+                              dead_code_threshold=cfg.dead_code_threshold)
+        hidden, blocks, res, dim = cfg.hidden_channels, cfg.num_res_blocks, cfg.res_channels, cfg.embedding_dim
 
-        self.encoder_bottom = Encoder(in_channels, hidden_channels, num_res_blocks, res_channels, downsample)
-        self.encoder_top = Encoder(hidden_channels, hidden_channels, num_res_blocks, res_channels, 2)
-        self.pre_quantize_top = nn.Conv2d(hidden_channels, embedding_dim, 1)
+        self.encoder_bottom = Encoder(cfg.in_channels, hidden, blocks, res, cfg.downsample)
+        self.encoder_top = Encoder(hidden, hidden, blocks, res, 2)
+        self.pre_quantize_top = nn.Conv2d(hidden, dim, 1)
         self.quantizer_top = VectorQuantizer(**quantizer_args)
-        self.decoder_top = Decoder(embedding_dim, embedding_dim, hidden_channels, num_res_blocks, res_channels, 2)
-        self.pre_quantize_bottom = nn.Conv2d(hidden_channels + embedding_dim, embedding_dim, 1)
+        self.decoder_top = Decoder(dim, dim, hidden, blocks, res, 2)
+        self.pre_quantize_bottom = nn.Conv2d(hidden + dim, dim, 1)
         self.quantizer_bottom = VectorQuantizer(**quantizer_args)
-        self.upsample_top = nn.ConvTranspose2d(embedding_dim, embedding_dim, 4, stride=2, padding=1)
-        self.decoder = Decoder(2 * embedding_dim, in_channels, hidden_channels, num_res_blocks, res_channels,
-                               downsample)
+        self.upsample_top = nn.ConvTranspose2d(dim, dim, 4, stride=2, padding=1)
+        self.decoder = Decoder(2 * dim, cfg.in_channels, hidden, blocks, res, cfg.downsample)
 
     def code_shape(self, image_size=None):
         """((H_top, W_top), (H_bottom, W_bottom)) for square images of `image_size` (default: the built size)."""
@@ -56,16 +53,14 @@ class VQVAE2(nn.Module):
         return (bottom // 2, bottom // 2), (bottom, bottom)
 
     def encode(self, x):
-        """Image -> (quant_top [B,D,h/2,w/2], quant_bottom [B,D,h,w], codes_top, codes_bottom, stats dict)."""
+        """Image -> (quant_top [B,D,h/2,w/2], quant_bottom [B,D,h,w], codes_top, codes_bottom, {level: stats})."""
         features_bottom = self.encoder_bottom(x)  # [B, hidden, h, w]
         features_top = self.encoder_top(features_bottom)  # [B, hidden, h/2, w/2]
         quant_top, codes_top, stats_top = self.quantizer_top(self.pre_quantize_top(features_top))
         decoded_top = self.decoder_top(quant_top)  # [B, D, h, w]
         quant_bottom, codes_bottom, stats_bottom = self.quantizer_bottom(
             self.pre_quantize_bottom(torch.cat([decoded_top, features_bottom], 1)))
-        stats = {f'{name}_top': value for name, value in stats_top.items()}
-        stats.update({f'{name}_bottom': value for name, value in stats_bottom.items()})
-        return quant_top, quant_bottom, codes_top, codes_bottom, stats
+        return quant_top, quant_bottom, codes_top, codes_bottom, {'top': stats_top, 'bottom': stats_bottom}
 
     def decode(self, quant_top, quant_bottom):
         """Quantized features of both levels -> image [B, C, S, S]."""
@@ -80,17 +75,23 @@ class VQVAE2(nn.Module):
         _, _, codes_top, codes_bottom, _ = self.encode(x)
         return codes_top, codes_bottom
 
+    # The per-level interface (see models/prior.py): levels 'top' and 'bottom'.
+    def level_codes(self, x):
+        """Image -> {'top': codes [B, h/2, w/2], 'bottom': codes [B, h, w]}."""
+        return dict(zip(self.levels, self.get_code_indices(x)))
+
+    def level_shapes(self, image_size=None):
+        """{'top': (h/2, w/2), 'bottom': (h, w)}."""
+        return dict(zip(self.levels, self.code_shape(image_size)))
+
+    def decode_level_codes(self, codes):
+        """{'top': codes, 'bottom': codes} -> image [B, C, S, S]."""
+        return self.decode_codes(codes['top'], codes['bottom'])
+
     def forward(self, x):
-        """Returns (reconstruction, dict with 'loss', 'recon_loss', and per-level 'perplexity_top', ... stats)."""
+        """Returns (reconstruction, {'loss', 'recon_loss', 'vq_loss', 'levels': {'top': stats, 'bottom': stats}})."""
         quant_top, quant_bottom, _, _, stats = self.encode(x)
         recon = self.decode(quant_top, quant_bottom)
         recon_loss = F.mse_loss(recon, x)
-        vq_loss = stats['vq_loss_top'] + stats['vq_loss_bottom']
-        return recon, {'loss': recon_loss + vq_loss, 'recon_loss': recon_loss, 'vq_loss': vq_loss, **stats}
-
-
-VQVAE2_PRESETS = {
-    'default': {},  # 32x32 RGB: 4x4 top and 8x8 bottom codes
-    'small': dict(hidden_channels=64, res_channels=32, num_embeddings=256, embedding_dim=32),
-    'large': dict(hidden_channels=256, num_res_blocks=4, res_channels=64),
-}
+        vq_loss = stats['top']['vq_loss'] + stats['bottom']['vq_loss']
+        return recon, {'loss': recon_loss + vq_loss, 'recon_loss': recon_loss, 'vq_loss': vq_loss, 'levels': stats}
