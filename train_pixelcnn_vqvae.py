@@ -15,7 +15,12 @@ def main(args):
     train_prior(args, args.vqvae_checkpoint, 'vq_vae')
 
 
-if __name__ == '__main__':
+def build_parser():
+    """The stage-2 command line for a prior over VQ-VAE codes."""
     parser = ArgumentParser(description='Stage 2: train a prior over VQ-VAE codes.')
     add_prior_flags(parser, '--vqvae_checkpoint', out_dir='runs/prior_vqvae', wandb_project='vqvae-prior')
-    run_main(main, parser.parse_args())
+    return parser
+
+
+if __name__ == '__main__':
+    run_main(main, build_parser().parse_args())

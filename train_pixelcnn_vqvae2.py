@@ -19,9 +19,14 @@ def main(args):
     train_prior(args, args.vqvae2_checkpoint, 'vq_vae2', LEVELS[args.level])
 
 
-if __name__ == '__main__':
+def build_parser():
+    """The stage-2 command line for a hierarchical prior over VQ-VAE-2 codes."""
     parser = ArgumentParser(description='Stage 2: train a hierarchical prior over VQ-VAE-2 codes.')
     add_prior_flags(parser, '--vqvae2_checkpoint', out_dir='runs/prior_vqvae2', wandb_project='vqvae2-prior')
     parser.add_argument('--level', default='both', choices=list(LEVELS),
                         help='which level(s) of the prior to train (default: both)')
-    run_main(main, parser.parse_args())
+    return parser
+
+
+if __name__ == '__main__':
+    run_main(main, build_parser().parse_args())

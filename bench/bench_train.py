@@ -31,13 +31,13 @@ import warnings
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for models/
 
 from bench_sampling import cpu_model  # noqa: E402
 from common.cli import ArgumentParser, positive_float, positive_int  # noqa: E402
+from common.prior_training import LevelLosses  # noqa: E402
 from models import build_model  # noqa: E402
 
 QUICK_VQ = dict(hidden_channels=16, res_channels=8, num_embeddings=32, embedding_dim=8)
@@ -71,18 +71,15 @@ def build(name, batch_size, quick):
 
     def codes():
         with torch.no_grad():
-            codes = vq_model.get_code_indices(images)  # [B, 8, 8] or ([B, 4, 4], [B, 8, 8])
-        return codes if isinstance(codes, tuple) else (codes,)
+            return vq_model.level_codes(images)  # {level: [B, h, w]}
 
     cached = codes()
 
     def loss(model):
-        grids = codes() if encode else cached
-        logits = model(*grids)  # called through DDP's forward, which prepares the gradient all-reduce
-        logits = logits if isinstance(logits, tuple) else (logits,)
-        return sum(F.cross_entropy(level_logits, level_codes) for level_logits, level_codes in zip(logits, grids))
+        # `model` is LevelLosses (maybe inside DDP): its forward prepares DDP's gradient all-reduce.
+        return sum(model(codes() if encode else cached, None, prior.levels).values())
 
-    return prior, loss, sum(grid[0].numel() for grid in cached) * batch_size
+    return LevelLosses(prior), loss, sum(grid[0].numel() for grid in cached.values()) * batch_size
 
 
 def seconds_per_step(model, loss, amp, args, barrier=None):

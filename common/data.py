@@ -141,24 +141,74 @@ def _transform(name, image_size):
     return transforms.Compose(resize + [transforms.ToTensor(), normalize])
 
 
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
+
+
 def _read_rgb(path):
-    """ImageFolder's loader, reporting an unreadable file as a UserError that names it."""
+    """Read an image file as 8-bit RGB, scaling 16-bit and float images; an unreadable file is a UserError naming it."""
     try:
         with Image.open(path) as image:
+            if image.mode in ('I;16', 'I;16B', 'I;16L', 'I', 'F'):
+                # PIL's convert('RGB') clips these modes at 255 instead of scaling them; 'I' images come from
+                # 16-bit PNGs, so their range is 0..65535 (as is 'F' from 16-bit TIFFs).
+                values = np.asarray(image, dtype=np.float64)
+                scale = 255.0 / 65535.0 if image.mode != 'F' or values.max() > 1.0 else 255.0
+                image = Image.fromarray(np.clip(values * scale + 0.5, 0, 255).astype(np.uint8), mode='L')
             return image.convert('RGB')
-    except OSError as error:  # PIL's UnidentifiedImageError and truncated files are both OSErrors
-        raise UserError(f'cannot read image {path}: {error}') from error
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        # UnidentifiedImageError and truncated files are OSErrors; a decompression bomb has a class of its own.
+        raise UserError(f'cannot read image {path}: {str(error).splitlines()[0]}') from error
+
+
+def _list_images(folder):
+    """Image files under `folder`, sorted, following symlinks but never into a directory already seen."""
+    found, seen = [], set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a symlink loop, or two links to one folder: each image is listed once
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()
+        found += [os.path.join(root, name) for name in sorted(files) if name.lower().endswith(IMAGE_EXTENSIONS)
+                  and not name.startswith('.')]
+    return found
+
+
+class ImageFolderDataset(Dataset):
+    """Images in one subfolder per class (<root>/<class>/<image>), or directly in <root> as one unlabelled class."""
+
+    def __init__(self, root, transform):
+        self.transform = transform
+        subfolders = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith('.'))
+        per_class = [(name, _list_images(os.path.join(root, name))) for name in subfolders]
+        per_class = [(name, files) for name, files in per_class if files]
+        if per_class:
+            self.classes = [name for name, _ in per_class]
+            self.items = [(path, label) for label, (_, files) in enumerate(per_class) for path in files]
+        else:  # a flat folder (FFHQ-style): one class
+            self.classes = [os.path.basename(os.path.normpath(root))]
+            self.items = [(os.path.join(root, name), 0) for name in sorted(os.listdir(root))
+                          if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith('.')
+                          and os.path.isfile(os.path.join(root, name))]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        path, label = self.items[index]
+        return self.transform(_read_rgb(path)), label
 
 
 def _image_folder(data_dir, split, transform):
-    """An ImageFolder split: every 10th file of the sorted list is 'val' (and 'test'), the rest 'train'."""
-    layout = f'expected {os.path.join(data_dir, "<class>", "<image>.png")}'
+    """An image-folder split: every 10th file of the sorted list is 'val' (and 'test'), the rest 'train'."""
+    layout = (f'expected {os.path.join(data_dir, "<class>", "<image>.png")} or images directly in {data_dir} '
+              f'(extensions: {", ".join(IMAGE_EXTENSIONS)})')
     if not os.path.isdir(data_dir):
         raise UserError(f'imagefolder: directory {data_dir} not found; {layout}')
-    try:
-        folder = datasets.ImageFolder(data_dir, transform=transform, loader=_read_rgb)
-    except FileNotFoundError as error:
-        raise UserError(f'imagefolder: no images in {data_dir} ({error}); {layout}') from error
+    folder = ImageFolderDataset(data_dir, transform)
+    if not folder.items:
+        raise UserError(f'imagefolder: no images in {data_dir}; {layout}')
     held_out = split in ('val', 'test')
     indices = [i for i in range(len(folder)) if (i % 10 == 0) == held_out]
     return Subset(folder, indices), folder.classes

@@ -20,6 +20,7 @@ from torchvision.utils import save_image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
+from common.codes import extract_codes  # noqa: E402
 from common.data import build_dataset, denormalize  # noqa: E402
 from models import VQVAE2, HierarchicalPixelCNN, load_model  # noqa: E402
 
@@ -38,37 +39,27 @@ def train_vqvae2(dataset, steps, batch_size):
             optimizer.step()
             step += 1
             if step % 100 == 0:
-                print(f'  vq-vae-2 step {step}: mse {stats["recon_loss"]:.4f}, '
-                      f'perplexity top {stats["perplexity_top"]:.1f} / bottom {stats["perplexity_bottom"]:.1f}')
+                perplexity = ' / '.join(f'{level} {s["perplexity"]:.1f}' for level, s in stats['levels'].items())
+                print(f'  vq-vae-2 step {step}: mse {stats["recon_loss"]:.4f}, perplexity {perplexity}')
             if step == steps:
                 break
     return model.eval()
 
 
-@torch.no_grad()
-def extract_codes(vqvae2, dataset, batch_size=256):
-    """Encode every image once: (codes_top [N, 4, 4], codes_bottom [N, 8, 8]) as LongTensors."""
-    tops, bottoms = [], []
-    for images, _ in DataLoader(dataset, batch_size=batch_size):
-        codes_top, codes_bottom = vqvae2.get_code_indices(images)
-        tops.append(codes_top)
-        bottoms.append(codes_bottom)
-    return torch.cat(tops), torch.cat(bottoms)
-
-
-def train_prior(codes_top, codes_bottom, num_embeddings, steps, batch_size):
-    """Stage 2, briefly: a small hierarchical prior, both levels at once."""
+def train_prior(codes, num_embeddings, steps, batch_size):
+    """Stage 2, briefly: a small hierarchical prior, both levels at once; `codes` is {level: LongTensor [N, h, w]}."""
     prior = HierarchicalPixelCNN(num_embeddings=num_embeddings, embedding_dim=32, hidden_channels=64, num_layers=6)
     optimizer = torch.optim.Adam(prior.parameters(), lr=1e-3)
+    num_grids = len(next(iter(codes.values())))
     for step in range(1, steps + 1):
-        batch = torch.randint(0, len(codes_top), (batch_size,))
-        losses = prior.loss(codes_top[batch], codes_bottom[batch])  # nats per code, per level
+        batch = torch.randint(0, num_grids, (batch_size,))
+        losses = prior.level_losses({level: value[batch] for level, value in codes.items()})  # nats per code
         optimizer.zero_grad()
         sum(losses.values()).backward()
         optimizer.step()
         if step % 100 == 0:
-            print(f'  prior step {step}: bits/code top {losses["top"] / math.log(2):.3f}, '
-                  f'bottom {losses["bottom"] / math.log(2):.3f}')
+            print('  prior step {}: bits/code {}'.format(
+                step, ', '.join(f'{level} {loss / math.log(2):.3f}' for level, loss in losses.items())))
     return prior.eval()
 
 
@@ -78,22 +69,24 @@ def main(args):
     dataset, _ = build_dataset('shapes', 'train', image_size=32, num_samples=args.num_images)
 
     if args.vqvae2_checkpoint:
-        vqvae2 = load_model(args.vqvae2_checkpoint, kinds=('vq_vae2',))
+        vqvae2 = load_model(args.vqvae2_checkpoint, kinds='vq_vae2')
         dataset, _ = build_dataset('shapes', 'train', image_size=vqvae2.image_size, num_samples=args.num_images)
     else:
         print('stage 1: training a small VQ-VAE-2')
         vqvae2 = train_vqvae2(dataset, args.vq_steps, args.batch_size)
-    print(f'code grids (top, bottom): {vqvae2.code_shape()}')
+    print(f'code grids: {vqvae2.level_shapes()}')
 
-    codes_top, codes_bottom = extract_codes(vqvae2, dataset)
-    print(f'stage 2: training a hierarchical prior on {len(codes_top)} code grids')
-    prior = train_prior(codes_top, codes_bottom, vqvae2.num_embeddings, args.prior_steps, args.batch_size)
+    # The same extraction stage 2 uses (without its cache): {'levels': {level: int16 codes}, 'labels': ...}.
+    codes = {level: value.long() for level, value in extract_codes(vqvae2, dataset, 256, 'cpu')['levels'].items()}
+    print(f'stage 2: training a hierarchical prior on {len(codes["top"])} code grids')
+    prior = train_prior(codes, vqvae2.num_embeddings, args.prior_steps, args.batch_size)
 
     print('stage 3: sampling (cached) and decoding')
     generator = torch.Generator().manual_seed(args.seed)
-    images = prior.sample_with_vqvae2(vqvae2, batch_size=64, temperature=args.temperature, generator=generator)
+    images = prior.sample_with_vqvae2(vqvae2, batch_size=args.num_samples, temperature=args.temperature,
+                                      generator=generator)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    save_image(denormalize(images), args.out, nrow=8)
+    save_image(denormalize(images), args.out, nrow=math.ceil(math.sqrt(len(images))))
     print(f'wrote {args.out} in {time.time() - started:.0f} s')
 
 
@@ -106,6 +99,7 @@ if __name__ == '__main__':
     parser.add_argument('--prior_steps', type=int, default=600, help='prior training steps (default: 600)')
     parser.add_argument('--batch_size', type=int, default=64, help='batch size for both stages (default: 64)')
     parser.add_argument('--temperature', type=float, default=1.0, help='sampling temperature (default: 1.0)')
+    parser.add_argument('--num_samples', type=int, default=64, help='samples in the output grid (default: 64)')
     parser.add_argument('--seed', type=int, default=0, help='random seed (default: 0)')
     parser.add_argument('--out', default='runs/example/samples.png', help='output grid (default: %(default)s)')
     main(parser.parse_args())
