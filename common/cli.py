@@ -6,6 +6,7 @@ import errno
 import fcntl
 import os
 import sys
+import time
 import traceback
 import typing
 
@@ -21,8 +22,7 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse that reports a bad flag in one line on stderr (exit status 2) instead of usage plus error."""
 
     def error(self, message):
-        sys.stderr.write(f'{self.prog}: error: {message} (see --help)\n')
-        sys.exit(2)
+        exit_with_line(f'{self.prog}: error: {message} (see --help)')
 
 
 def positive_int(text):
@@ -188,15 +188,33 @@ def run_main(main, args):
         sys.exit(130)
 
 
+OTHER_RANKS_ERROR_DELAY_S = 3
+
+
 def fail(message):
-    """Print the last line of `message` as 'error: ...' on stderr and exit with status 2."""
+    """Print the last line of `message` as 'error: ...' on stderr and exit with status 2.
+
+    Under torchrun every rank usually meets the same bad input. The ranks other than 0 wait a moment first: torchrun
+    stops the other processes as soon as one exits, so rank 0 reports and the rest are stopped before they repeat
+    it. An error only one of them meets still gets printed, after the wait, naming the rank.
+    """
     # An error raised in a DataLoader worker arrives with the worker's traceback in front: keep the last line,
     # without the exception's qualified name that the worker adds.
     lines = message.strip().splitlines() or ['unknown error']
     line = lines[-1]
     for prefix in ('common.errors.UserError: ', 'models.checkpoint.CheckpointError: '):
         line = line[len(prefix):] if line.startswith(prefix) else line
-    sys.stderr.write(f'error: {line}\n')
+    exit_with_line(f'error: {line}')
+
+
+def exit_with_line(line):
+    """Write one line on stderr and exit with status 2; under torchrun, ranks other than 0 wait first (see fail)."""
+    rank = int(os.environ.get('RANK', '0'))
+    if rank != 0:
+        time.sleep(OTHER_RANKS_ERROR_DELAY_S)
+        line = f'rank {rank}: {line}'
+    sys.stderr.write(f'{line}\n')
+    sys.stderr.flush()
     sys.exit(2)
 
 
