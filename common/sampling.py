@@ -14,7 +14,8 @@ from tqdm import tqdm
 
 from models import MODELS, PRIOR_KINDS, CheckpointError, file_sha256, load_checkpoint, model_from_checkpoint
 
-from .cli import add_common_flags, positive_float, positive_int
+from .cli import OutputDir, add_common_flags, positive_float, positive_int, resolve_device
+from .distributed import barrier, cleanup_distributed, setup_distributed
 from .errors import UserError
 
 NOT_SETTINGS = ('out_dir', 'device', 'debug', 'save_individual')  # flags that do not change the samples
@@ -38,7 +39,7 @@ def add_sampling_flags(parser, name):
     parser.add_argument('--prior_checkpoint', required=True, help='stage-2 prior checkpoint (required)')
     parser.add_argument('--num_samples', type=positive_int, default=64, help='images to generate (default: 64)')
     parser.add_argument('--batch_size', type=positive_int, default=64,
-                        help='images sampled at once; the codes drawn for a seed depend on it (default: 64)')
+                        help='images sampled at once per process; the samples do not depend on it (default: 64)')
     parser.add_argument('--temperature', type=positive_float, default=1.0,
                         help='divides the logits; below 1 gives safer, less varied samples, near 0 the most likely '
                              'code (default: 1.0)')
@@ -71,7 +72,7 @@ def check_prior_entries(state, path):
         raise CheckpointError(f'{path}: vq_checkpoint must be a dict with the VQ file\'s sha256, got {vq!r:.100}')
 
 
-def load_pair(vq_path, prior_path, vq_kind, device, class_label=None):
+def load_pair(vq_path, prior_path, vq_kind, device, class_label=None, warn=True):
     """Load a VQ model and its prior, in eval mode on `device`; raise a one-line error if they do not fit together.
 
     Every check runs before the VQ file is hashed, so a bad run prints its error alone, without the hash warning.
@@ -97,7 +98,7 @@ def load_pair(vq_path, prior_path, vq_kind, device, class_label=None):
         raise UserError(f'--class_label must be in [0, {prior.num_classes}) for this prior, got {class_label}')
 
     recorded = prior_state['vq_checkpoint']
-    if file_sha256(vq_path) != recorded.get('sha256'):
+    if warn and file_sha256(vq_path) != recorded.get('sha256'):
         print(f'WARNING: {vq_path} is not the file the prior was trained with ({recorded.get("path")}): the sha256 '
               f'differs, so the samples may be poor', file=sys.stderr)
     return vq_model, prior
@@ -112,30 +113,88 @@ def class_labels(prior, class_label, num_samples):
     return torch.full((num_samples,), class_label, dtype=torch.long)
 
 
-@torch.no_grad()
-def generate(vq_model, prior, args, labels, device):
-    """Sample args.num_samples images batch by batch; returns (images [N, C, S, S] on the CPU in [-1, 1],
-    {codes.pt key: LongTensor [N, ...]}, with 'class_labels' [N] added when there are labels).
+def sample_seed(seed, index):
+    """The seed of sample `index`'s own generator: its draws depend on --seed and its index only."""
+    return (seed << 32) + index
 
-    One generator seeded once drives every draw, so the same seed and batch size give the same codes.
+
+def shard(num_samples, rank, world_size):
+    """The contiguous range of sample indices that process `rank` of `world_size` generates."""
+    per_rank = math.ceil(num_samples / world_size)
+    return range(min(rank * per_rank, num_samples), min((rank + 1) * per_rank, num_samples))
+
+
+@torch.no_grad()
+def generate(vq_model, prior, args, labels, device, indices, show_progress=True):
+    """Sample the images of `indices` batch by batch; returns (images [n, C, S, S] on the CPU in [-1, 1],
+    {codes.pt key: LongTensor [n, ...]}).
+
+    Every sample draws from a generator of its own, seeded by --seed and its index, so the same seed gives the same
+    images whatever the batch size and however many processes share the work.
     """
-    generator = torch.Generator(device).manual_seed(args.seed)
     shapes = vq_model.level_shapes()
     images, codes = [], {}
-    with tqdm(total=args.num_samples, desc='sampling', unit='image', dynamic_ncols=True) as bar:
-        for start in range(0, args.num_samples, args.batch_size):
-            size = min(args.batch_size, args.num_samples - start)
-            batch_labels = None if labels is None else labels[start:start + size].to(device)
-            batch_codes = prior.sample_levels(size, shapes, args.temperature, args.top_k, args.top_p, batch_labels,
-                                              generator, cached=not args.naive)
+    with tqdm(total=len(indices), desc='sampling', unit='image', dynamic_ncols=True,
+              disable=not show_progress) as bar:
+        for start in range(0, len(indices), args.batch_size):
+            batch = indices[start:start + args.batch_size]
+            generators = [torch.Generator().manual_seed(sample_seed(args.seed, index)) for index in batch]
+            batch_labels = None if labels is None else labels[list(batch)].to(device)
+            batch_codes = prior.sample_levels(len(batch), shapes, args.temperature, args.top_k, args.top_p,
+                                              batch_labels, generators, cached=not args.naive)
             images.append(vq_model.decode_level_codes(batch_codes).float().cpu())
             for level, value in batch_codes.items():
                 codes.setdefault(codes_file_key(level), []).append(value.cpu())
-            bar.update(size)
-    codes = {name: torch.cat(values) for name, values in codes.items()}
-    if labels is not None:
-        codes['class_labels'] = labels
-    return torch.cat(images), codes
+            bar.update(len(batch))
+    return torch.cat(images), {name: torch.cat(values) for name, values in codes.items()}
+
+
+def gather_shards(out_dir, rank, world_size, images, codes):
+    """Collect every process's samples on rank 0, in index order, through files in the (locked) output folder.
+
+    Returns (images, codes) on rank 0 and (None, None) on the others.
+    """
+    from models import atomic_save
+
+    if world_size == 1:
+        return images, codes
+    atomic_save({'images': images, 'codes': codes}, os.path.join(out_dir, f'.shard_{rank}.pt'))
+    barrier()
+    if rank != 0:
+        return None, None
+    paths = [os.path.join(out_dir, f'.shard_{r}.pt') for r in range(world_size)]
+    parts = [torch.load(path, weights_only=True) for path in paths]
+    for path in paths:
+        os.remove(path)
+    return (torch.cat([p['images'] for p in parts]),
+            {name: torch.cat([p['codes'][name] for p in parts]) for name in parts[0]['codes']})
+
+
+def run_generation(args, vq_path, vq_kind):
+    """Stage 3 for either script: check the checkpoints, sample (split over torchrun processes), write the outputs."""
+    # Setup: every check runs before the output folder is made, so a bad run writes nothing
+    device = resolve_device(args.device)
+    rank, world_size, device = setup_distributed(device)
+    vq_model, prior = load_pair(vq_path, args.prior_checkpoint, vq_kind, device, args.class_label,
+                                warn=rank == 0)
+    labels = class_labels(prior, args.class_label, args.num_samples)
+
+    # Sample
+    with OutputDir(args.out_dir, enabled=rank == 0):
+        barrier()  # the folder exists before other ranks write their shards into it
+        indices = shard(args.num_samples, rank, world_size)
+        images, codes = generate(vq_model, prior, args, labels, device, indices, show_progress=rank == 0)
+        images, codes = gather_shards(args.out_dir, rank, world_size, images, codes)
+        if rank == 0:
+            if labels is not None:
+                codes['class_labels'] = labels
+            save_outputs(args.out_dir, images, codes, args.save_individual, sampling_settings(args))
+        barrier()
+    if rank == 0:
+        grids = ' and '.join(f'{"x".join(map(str, shape))} {level}' for level, shape in
+                             vq_model.level_shapes().items())
+        print(f'{args.num_samples} samples ({grids} codes each) written to {args.out_dir}')
+    cleanup_distributed()
 
 
 def sampling_settings(args):

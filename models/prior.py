@@ -39,8 +39,10 @@ def sample_from_logits(logits, temperature=1.0, top_k=None, generator=None, top_
     """Draw one index per row of logits [B, K] by inverse-CDF sampling, using exactly one uniform number per row.
 
     Consuming a fixed amount of randomness is what lets the cached and the reference samplers draw identical codes
-    from the same generator. `top_k` keeps the k most likely codes; `top_p` (nucleus sampling) keeps the smallest set
-    of most likely codes whose probability reaches p. A temperature near zero picks the most likely code.
+    from the same generator. `generator` is one torch.Generator, or a list of one per row: then each row's draws
+    depend on its own generator only, whatever else is in the batch. `top_k` keeps the k most likely codes; `top_p`
+    (nucleus sampling) keeps the smallest set of most likely codes whose probability reaches p. A temperature near
+    zero picks the most likely code.
     """
     logits = logits.float()
     # Subtracting the row maximum first keeps the best code at 0 whatever the temperature, so a tiny temperature
@@ -57,8 +59,11 @@ def sample_from_logits(logits, temperature=1.0, top_k=None, generator=None, top_
         drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
         logits = logits.masked_fill(drop, float('-inf'))
     cdf = logits.softmax(dim=1).cumsum(dim=1)
-    uniform = torch.rand(logits.shape[0], 1, generator=generator,
-                         device=generator.device if generator is not None else logits.device)
+    if isinstance(generator, (list, tuple)):
+        uniform = torch.cat([torch.rand(1, 1, generator=g, device=g.device).to(logits.device) for g in generator])
+    else:
+        uniform = torch.rand(logits.shape[0], 1, generator=generator,
+                             device=generator.device if generator is not None else logits.device)
     # 1 - U lies in (0, 1], so a code of probability zero (outside the top k or p, or underflowed) is never picked.
     uniform = (1 - uniform.to(logits.device)) * cdf[:, -1:]
     return (cdf < uniform).sum(dim=1).clamp_(max=logits.shape[1] - 1)
