@@ -49,6 +49,9 @@ def add_training_flags(parser, epochs, batch_size):
                         help='learning-rate schedule over all steps (default: constant)')
     parser.add_argument('--max_steps', type=positive_int, default=None,
                         help='stop after this many optimizer steps, e.g. for smoke runs (default: no limit)')
+    parser.add_argument('--max_minutes', type=positive_float, default=None,
+                        help='stop after this much training time (validation excluded), e.g. to compare models on an '
+                             'equal budget; a resume gets a fresh budget (default: no limit)')
     parser.add_argument('--num_workers', type=nonnegative_int, default=0,
                         help='DataLoader worker processes (default: 0)')
     parser.add_argument('--resume', default=None, help='continue from this last.pth (default: start afresh)')
@@ -192,6 +195,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
         self.epoch, self.step, self.batch_in_epoch, self.best_score, self.run_id = 0, 0, 0, math.inf, None
         self.metrics, self.skipped = {}, 0
+        self.train_seconds, self.out_of_time = 0.0, False
 
     def restore(self, state):
         """Continue from a last.pth: weights, optimizer, schedule, scaler, position, best score and RNG."""
@@ -232,8 +236,9 @@ class Trainer:
         self.tracker = Tracker(args.out_dir, vars(args), wandb_settings(args), enabled=self.is_main,
                                run_id=self.run_id)
         model.train()
-        while self.epoch < args.epochs and self.step < self.total_steps:
+        while self.epoch < args.epochs and self.step < self.total_steps and not self.out_of_time:
             started, count = time.time(), self.train_epoch()
+            self.train_seconds += time.time() - started
             self.end_epoch(count, time.time() - started)
         self.tracker.finish()
         return self.metrics
@@ -244,6 +249,7 @@ class Trainer:
         self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
         bar = tqdm(self.loader, desc=f'epoch {self.epoch + 1}/{args.epochs}', disable=not self.is_main,
                    dynamic_ncols=True, initial=self.batch_in_epoch, total=self.steps_per_epoch)
+        started = time.time()
         for batch in bar:
             done += 1
             step_metrics = self.train_step(batch)
@@ -259,7 +265,7 @@ class Trainer:
                                  | {'train/lr': self.scheduler.get_last_lr()[0]}, self.step)
             if args.save_every_steps and self.step % args.save_every_steps == 0 and self.is_main:
                 self.save('last.pth')
-            if self.step >= self.total_steps:
+            if self.step >= self.total_steps or self.time_is_up(time.time() - started):
                 break
         bar.close()
         if done and not count:
@@ -267,6 +273,16 @@ class Trainer:
                             f'has diverged: resume from an earlier checkpoint with a lower --lr, or use --amp none')
         self.train_means = {k: v / max(count, 1) for k, v in sums.items()}
         return count
+
+    def time_is_up(self, seconds_this_epoch):
+        """Whether --max_minutes of training time are spent; every rank takes rank 0's answer."""
+        if self.args.max_minutes is None:
+            return False
+        spent = torch.tensor([float(self.train_seconds + seconds_this_epoch >= 60 * self.args.max_minutes)])
+        if is_distributed():
+            torch.distributed.broadcast(spent, src=0)
+        self.out_of_time = bool(spent.item())
+        return self.out_of_time
 
     def train_step(self, batch):
         """One optimizer step; returns the step's figures, or None for a skipped non-finite batch."""
