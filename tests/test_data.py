@@ -1,6 +1,5 @@
 """Behaviour of common/data.py: shapes, image folders, splits, and the errors users see when data is missing."""
 import os
-import time
 import urllib.error
 import urllib.request
 
@@ -9,8 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from common.data import (FASHION_MNIST_SYSTEM_DIR, SHAPE_CLASSES, ShapesDataset, build_dataset, denormalize,
-                         to_uint8)
+from common.data import SHAPE_CLASSES, ShapesDataset, build_dataset, denormalize, to_uint8
 from common.errors import UserError
 
 
@@ -45,14 +43,6 @@ def test_shapes_labels_cover_all_classes_and_shapes_are_visible():
     for i in range(50):
         x = dataset[i][0]
         assert (x.amax(dim=(1, 2)) - x.amin(dim=(1, 2))).sum() > 0.5  # a contrasting shape, not a blank image
-
-
-def test_shapes_are_fast():
-    dataset = ShapesDataset(200, image_size=32)
-    start = time.perf_counter()
-    for i in range(len(dataset)):
-        dataset[i]
-    assert (time.perf_counter() - start) / len(dataset) < 2e-3  # well under 1 ms normally; slack for busy machines
 
 
 def test_shapes_splits_and_sizes():
@@ -145,12 +135,10 @@ def test_missing_torchvision_dataset_says_where_to_put_files(tmp_path, offline, 
     assert ('download failed' in message) == download
 
 
-def test_fashion_mnist_from_debian_package(tmp_path, offline):
-    if not os.path.exists(os.path.join(FASHION_MNIST_SYSTEM_DIR, 'train-images-idx3-ubyte.gz')):
-        pytest.skip('apt-get install dataset-fashion-mnist to test the system copy')
+def test_fashion_mnist_from_debian_package(fashion_data_dir, offline):
     sizes = {}
     for split in ('train', 'val', 'test'):
-        dataset, info = build_dataset('fashion_mnist', split, data_dir=str(tmp_path), download=False)
+        dataset, info = build_dataset('fashion_mnist', split, data_dir=str(fashion_data_dir), download=False)
         sizes[split] = info['num_samples']
         x, label = dataset[0]
         assert x.shape == (1, 32, 32) and 0 <= label < 10
@@ -158,5 +146,8 @@ def test_fashion_mnist_from_debian_package(tmp_path, offline):
         assert x.max() > 0
     assert sizes == {'train': 55000, 'val': 5000, 'test': 10000}
     assert info['num_classes'] == 10 and info['in_channels'] == 1
-    small, _ = build_dataset('fashion_mnist', 'train', image_size=28, data_dir=str(tmp_path), num_samples=3)
+    small, _ = build_dataset('fashion_mnist', 'train', image_size=28, data_dir=str(fashion_data_dir), num_samples=3)
     assert len(small) == 3 and small[0][0].shape == (1, 28, 28)
+    # Unpacked from Debian's recompressed .gz files, so that torchvision reads them without its md5 check.
+    assert sorted(os.listdir(fashion_data_dir / 'FashionMNIST' / 'raw')) == [
+        't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte', 'train-images-idx3-ubyte', 'train-labels-idx1-ubyte']

@@ -1,16 +1,18 @@
 """Behaviour of the PixelCNN priors: masks, causality over every position, no blind spot, cached sampling equal to the
-reference sampler, sampling distributions, losses, decoding through a VQ-VAE and checkpoint round trips."""
+reference sampler, sampling distributions (temperature, top-k, top-p), the per-level interface of models/prior.py,
+losses, decoding through a VQ-VAE, configs and checkpoint round trips."""
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import models.pixelcnn_prior as pixelcnn_prior
-from models import (VQVAE, VQVAE2, HierarchicalPixelCNN, MaskedConv2d, PixelCNN, load_model, sample_from_logits,
-                    save_checkpoint)
+from models import (PRIOR_PRESETS, VQVAE, VQVAE2, CodePrior, ConfigError, HierarchicalPixelCNN, MaskedConv2d, PixelCNN,
+                    build_model, count_parameters, load_model, sample_from_logits, save_checkpoint)
 
 K = 16  # codes in the tiny priors
 TINY = dict(num_embeddings=K, embedding_dim=8, hidden_channels=16, num_layers=4)
+VQ_TINY = dict(hidden_channels=16, res_channels=8, num_res_blocks=1, embedding_dim=8)  # VQ models to decode samples
 
 
 def tiny_prior(cls=PixelCNN, seed=0, **overrides):
@@ -31,9 +33,6 @@ def perturbed(codes, where, seed=2):
     """`codes` [H, W] with every position in `where` [H, W] replaced by a different random code."""
     shift = torch.randint(1, K, codes.shape, generator=torch.Generator().manual_seed(seed))
     return torch.where(where, (codes + shift) % K, codes)
-
-
-pytestmark = pytest.mark.usefixtures('single_thread')  # see tests/conftest.py
 
 
 # -----------------------------------------------------------------------------
@@ -245,13 +244,18 @@ def prior():
     return tiny_prior(num_layers=4)
 
 
-@pytest.mark.parametrize('shape', [(3, 3), (4, 7), (8, 8)])
-@pytest.mark.parametrize('batch_size', [1, 5])
-@pytest.mark.parametrize('temperature', [0.7, 1.0, 1.5])
-@pytest.mark.parametrize('top_k', [None, 5])
-def test_cached_sampling_equals_reference(prior, shape, batch_size, temperature, top_k):
+# Every value of each setting, and every pair of a grid with a temperature (the full product adds nothing but time).
+SAMPLING_CASES = [  # shape, batch size, temperature, top_k, top_p
+    ((3, 3), 1, 0.7, None, None), ((3, 3), 5, 1.0, 5, 0.8), ((3, 3), 5, 1.5, None, 0.8),
+    ((4, 7), 5, 0.7, 5, None), ((4, 7), 1, 1.0, None, 0.8), ((4, 7), 1, 1.5, 5, None),
+    ((8, 8), 5, 0.7, None, 0.5), ((8, 8), 1, 1.0, 5, None), ((8, 8), 5, 1.5, 5, 0.9),
+]
+
+
+@pytest.mark.parametrize('shape, batch_size, temperature, top_k, top_p', SAMPLING_CASES)
+def test_cached_sampling_equals_reference(prior, shape, batch_size, temperature, top_k, top_p):
     codes = assert_samplers_agree(lambda cached, generator: prior.sample(
-        batch_size, shape, temperature, top_k, generator=generator, cached=cached))
+        batch_size, shape, temperature, top_k, generator=generator, cached=cached, top_p=top_p))
     assert len(codes.unique()) > 1
 
 
@@ -322,7 +326,8 @@ def test_sample_returns_codes_in_range(prior):
     assert codes.min() >= 0 and codes.max() < K
 
 
-@pytest.mark.parametrize('kwargs', [dict(temperature=0.0), dict(temperature=-1.0), dict(top_k=0)])
+@pytest.mark.parametrize('kwargs', [dict(temperature=0.0), dict(temperature=-1.0), dict(top_k=0), dict(top_p=0.0),
+                                    dict(top_p=1.5)])
 def test_bad_sampling_arguments_are_refused(prior, kwargs):
     for cached in (True, False):
         with pytest.raises(ValueError):
@@ -410,6 +415,32 @@ def test_sample_from_logits_matches_the_softmax(temperature, top_k):
     torch.testing.assert_close(frequencies, expected, rtol=0, atol=0.02)
 
 
+@pytest.mark.parametrize('top_p, kept', [(1.0, [0, 1, 2, 3, 4, 5]), (0.9, [3, 0, 4, 1]), (0.6, [3, 0]), (0.5, [3]),
+                                         (1e-6, [3])])
+def test_top_p_sampling_matches_the_renormalised_nucleus(top_p, kept):
+    logits = torch.tensor([1.0, 0.0, -0.5, 2.0, 0.3, -1.0])
+    probs = torch.softmax(logits, 0)  # by size: 3 (0.55), 0 (0.20), 4 (0.10), 1 (0.07), 2 (0.05), 5 (0.03)
+    order = probs.argsort(descending=True).tolist()
+    # The nucleus by its definition: the fewest most likely codes whose probability reaches p.
+    cumulative = probs[order].cumsum(0)
+    nucleus = order[:int((cumulative < top_p).sum()) + 1]
+    assert sorted(nucleus) == sorted(kept)
+    draws = 20000
+    samples = sample_from_logits(logits.expand(draws, -1), top_p=top_p, generator=torch.Generator().manual_seed(0))
+    frequencies = torch.bincount(samples, minlength=len(logits)).float() / draws
+    expected = torch.zeros_like(probs)
+    expected[kept] = probs[kept] / probs[kept].sum()
+    assert torch.all(frequencies[expected == 0] == 0)
+    torch.testing.assert_close(frequencies, expected, rtol=0, atol=0.02)
+
+
+@pytest.mark.parametrize('temperature', [1e-8, 1e-30])
+def test_a_tiny_temperature_picks_the_most_likely_code_without_nan(temperature):
+    logits = torch.tensor([[0.0, 3.0, 2.999, -1.0], [50.0, 49.0, -50.0, 0.0], [-2.0, -2.5, -1.0, -3.0]])
+    samples = sample_from_logits(logits, temperature=temperature, generator=torch.Generator().manual_seed(0))
+    assert samples.tolist() == [1, 0, 2]
+
+
 @pytest.mark.parametrize('uniform, logits, top_k', [
     (0.0, [0.0, 5.0, 1.0], 1),
     (0.0, [-200.0, 0.0, 0.0], None),
@@ -459,10 +490,72 @@ def test_hierarchical_forward_shapes_and_losses():
 
 
 # -----------------------------------------------------------------------------
+# The per-level interface (models/prior.py)
+
+def test_pixelcnn_level_interface_equals_its_forward_and_sampler():
+    model = tiny_prior(num_classes=3)
+    assert isinstance(model, CodePrior) and model.levels == ('flat',)
+    codes, labels = random_codes(2, 4, 5), torch.tensor([0, 2])
+    with torch.no_grad():
+        logits = model.level_logits({'flat': codes}, labels)
+        assert list(logits) == ['flat'] and torch.equal(logits['flat'], model(codes, class_labels=labels))
+        for reduction in ('mean', 'sum'):
+            losses = model.level_losses({'flat': codes}, labels, reduction=reduction)
+            torch.testing.assert_close(losses['flat'], F.cross_entropy(logits['flat'], codes, reduction=reduction))
+        torch.testing.assert_close(model.level_losses({'flat': codes}, labels)['flat'], model.loss(codes, None, labels))
+    sampled = model.sample_levels(2, {'flat': (4, 5)}, temperature=0.8, top_k=4, top_p=0.9, class_labels=labels,
+                                  generator=torch.Generator().manual_seed(3))
+    expected = model.sample(2, (4, 5), 0.8, 4, labels, generator=torch.Generator().manual_seed(3), top_p=0.9)
+    assert list(sampled) == ['flat'] and torch.equal(sampled['flat'], expected)
+
+
+def test_hierarchical_level_interface_computes_only_the_asked_levels():
+    model = tiny_prior(HierarchicalPixelCNN, num_layers=2, num_classes=3)
+    assert model.levels == ('top', 'bottom')
+    codes = {'top': random_codes(2, 3, 4), 'bottom': random_codes(2, 6, 8, seed=2)}
+    labels = torch.tensor([1, 2])
+    with torch.no_grad():
+        logits_top, logits_bottom = model(codes['top'], codes['bottom'], labels)
+        both = model.level_logits(codes, labels)
+        assert list(both) == ['top', 'bottom']
+        assert torch.equal(both['top'], logits_top) and torch.equal(both['bottom'], logits_bottom)
+        assert list(model.level_logits({'top': codes['top']}, labels, levels=('top',))) == ['top']  # no bottom needed
+        bottom = model.level_logits(codes, labels, levels=('bottom',))
+        assert list(bottom) == ['bottom'] and torch.equal(bottom['bottom'], logits_bottom)
+        sums = model.level_losses(codes, labels, ('bottom',), reduction='sum')
+        torch.testing.assert_close(sums['bottom'], F.cross_entropy(logits_bottom, codes['bottom'], reduction='sum'))
+    sampled = model.sample_levels(2, {'top': (3, 4), 'bottom': (6, 8)}, class_labels=labels,
+                                  generator=torch.Generator().manual_seed(3))
+    expected = model.sample(2, (3, 4), (6, 8), class_labels=labels, generator=torch.Generator().manual_seed(3))
+    assert list(sampled) == ['top', 'bottom']
+    assert all(torch.equal(got, want) for got, want in zip(sampled.values(), expected))
+
+
+@pytest.mark.parametrize('cached', [True, False])
+def test_sample_with_vq_decodes_the_codes_sample_levels_draws(cached):
+    torch.manual_seed(0)
+    vqvae2 = VQVAE2(image_size=16, num_embeddings=K, **VQ_TINY).eval()
+    model = tiny_prior(HierarchicalPixelCNN, num_layers=2)
+    images = model.sample_with_vq(vqvae2, 2, temperature=0.9, generator=torch.Generator().manual_seed(1),
+                                  cached=cached)
+    codes = model.sample_levels(2, vqvae2.level_shapes(), temperature=0.9, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(images, vqvae2.decode_level_codes(codes))
+
+
+def test_a_prior_refuses_a_vq_model_with_other_levels_or_codebook_size():
+    torch.manual_seed(0)
+    vqvae, vqvae2 = VQVAE(image_size=16, num_embeddings=K, **VQ_TINY), VQVAE2(image_size=16, num_embeddings=K, **VQ_TINY)
+    with pytest.raises(ValueError, match=r"levels \('flat',\) but the vq_vae2 has \('top', 'bottom'\)"):
+        tiny_prior(num_layers=1).sample_with_vq(vqvae2, 1)
+    with pytest.raises(ValueError, match='levels'):
+        tiny_prior(HierarchicalPixelCNN, num_layers=1).sample_with_vq(vqvae, 1)
+    with pytest.raises(ValueError, match=f'the prior has {2 * K} codes but the vq_vae has {K}'):
+        tiny_prior(num_layers=1, num_embeddings=2 * K).sample_with_vq(vqvae, 1)
+
+
+# -----------------------------------------------------------------------------
 # Decoding samples through the VQ-VAEs
-
-VQ_TINY = dict(hidden_channels=16, res_channels=8, num_res_blocks=1, embedding_dim=8)
-
 
 @pytest.mark.parametrize('in_channels, image_size', [(3, 32), (1, 28)])
 def test_sample_with_vqvae_decodes_images(in_channels, image_size):
@@ -483,6 +576,30 @@ def test_sample_with_vqvae2_decodes_images():
     assert tuple(images.shape) == (2, 3, 32, 32)
     with pytest.raises(ValueError):
         tiny_prior(HierarchicalPixelCNN, num_layers=2, num_embeddings=2 * K).sample_with_vqvae2(vqvae2, 1)
+
+
+# -----------------------------------------------------------------------------
+# Configs
+
+@pytest.mark.parametrize('overrides, message', [
+    (dict(kernel_size=4), 'kernel_size must be odd'),
+    (dict(first_kernel_size=2), 'first_kernel_size must be odd'),
+    (dict(num_layers=0), 'num_layers must be >= 1'),
+    (dict(num_classes=1), 'num_classes must be >= 2'),
+    (dict(layers=3), 'unknown setting layers'),
+])
+def test_a_bad_prior_config_is_refused(overrides, message):
+    for kind in ('pixelcnn', 'hierarchical_pixelcnn'):
+        with pytest.raises(ConfigError, match=message):
+            build_model(kind, {**TINY, **overrides})
+
+
+def test_prior_presets_are_valid_and_the_hierarchical_config_records_its_conditioning_width():
+    for preset in PRIOR_PRESETS.values():
+        count_parameters('pixelcnn', preset)  # builds it without allocating its weights
+    model = tiny_prior(HierarchicalPixelCNN, num_layers=2)
+    assert model.config['cond_channels'] == TINY['hidden_channels']
+    assert model.config['conditioner_res_blocks'] == 2
 
 
 # -----------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Behaviour of the quantizer, VQ-VAE, VQ-VAE-2 and checkpoint files: brute-force references, hand-computed EMA steps,
-straight-through gradients, shapes on several image sizes, decode round trips and safe, atomic checkpoints."""
+straight-through gradients, shapes on several image sizes, the per-level interface and decode round trips, checked
+configs, and safe, atomic checkpoints."""
 import builtins
 import copy
 import os
@@ -10,8 +11,9 @@ import torch
 import torch.nn as nn
 
 import models.checkpoint as checkpoint_module
-from models import (VQVAE, VQVAE2, CheckpointError, VectorQuantizer, load_checkpoint, load_model,
-                    save_checkpoint)
+from models import (VQ_PRESETS, VQVAE, VQVAE2, CheckpointError, ConfigError, VectorQuantizer, build_model,
+                    code_statistics, count_parameters, load_checkpoint, load_model, save_checkpoint)
+from models.config import check_value
 
 TINY = dict(hidden_channels=16, res_channels=8, num_res_blocks=1, num_embeddings=32, embedding_dim=8)
 
@@ -30,9 +32,6 @@ def tiny_model(cls, spread=False, **overrides):
 def vectors_to_map(vectors):
     """Rows [N, D] -> feature map [1, D, 1, N], whose flattened order (B, H, W) is the row order."""
     return vectors.t()[None, :, None, :].contiguous()
-
-
-pytestmark = pytest.mark.usefixtures('single_thread')  # see tests/conftest.py
 
 
 # -----------------------------------------------------------------------------
@@ -197,6 +196,36 @@ def test_perplexity_and_code_usage():
     assert torch.equal(indices.flatten(), torch.arange(k).repeat(5))
     torch.testing.assert_close(stats['perplexity'], torch.tensor(float(k)))
     torch.testing.assert_close(stats['code_usage'], torch.tensor(1.0))
+    assert torch.equal(stats['code_counts'], torch.full((k,), 5.0))
+
+
+def test_code_statistics_is_the_exponentiated_entropy_of_the_counts():
+    counts = torch.tensor([6.0, 2.0, 0.0, 0.0])
+    probs = torch.tensor([0.75, 0.25])
+    perplexity, usage = code_statistics(counts)
+    torch.testing.assert_close(perplexity, torch.exp(-(probs * probs.log()).sum()))
+    assert usage == 0.5
+    perplexity, usage = code_statistics(torch.zeros(4))  # no codes at all, e.g. an empty validation shard
+    assert perplexity == 1 and usage == 0
+
+
+# -----------------------------------------------------------------------------
+# Forward statistics
+
+@pytest.mark.parametrize('cls, levels', [(VQVAE, ('flat',)), (VQVAE2, ('top', 'bottom'))])
+def test_forward_returns_the_losses_and_per_level_quantizer_statistics(cls, levels):
+    model = tiny_model(cls).train()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    recon, stats = model(x)
+    assert recon.shape == x.shape and cls.levels == levels
+    assert set(stats) == {'loss', 'recon_loss', 'vq_loss', 'levels'} and tuple(stats['levels']) == levels
+    torch.testing.assert_close(stats['recon_loss'], torch.nn.functional.mse_loss(recon, x))
+    torch.testing.assert_close(stats['vq_loss'], sum(s['vq_loss'] for s in stats['levels'].values()))
+    torch.testing.assert_close(stats['loss'], stats['recon_loss'] + stats['vq_loss'])
+    for level, level_stats in stats['levels'].items():
+        assert {'vq_loss', 'commitment_loss', 'perplexity', 'code_usage', 'code_counts'} <= set(level_stats)
+        (h, w) = model.level_shapes()[level]
+        assert level_stats['code_counts'].sum() == 2 * h * w  # every code of the batch counted once
 
 
 # -----------------------------------------------------------------------------
@@ -267,6 +296,67 @@ def test_vqvae2_decode_codes_equals_decode_of_quantized():
                                    rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize('cls', [VQVAE, VQVAE2])
+def test_the_per_level_interface_round_trips_through_the_codes(cls):
+    model = tiny_model(cls, spread=True).eval()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        codes = model.level_codes(x)
+        assert tuple(codes) == cls.levels
+        indices = model.get_code_indices(x)
+        for level, expected in zip(cls.levels, indices if isinstance(indices, tuple) else (indices,)):
+            assert torch.equal(codes[level], expected)
+            assert tuple(codes[level].shape) == (2, *model.level_shapes()[level])
+        shapes = model.code_shape()
+        assert list(model.level_shapes().values()) == (list(shapes) if cls is VQVAE2 else [shapes])
+        assert list(model.level_shapes(64).values())[-1] == (16, 16)
+        images = model.decode_level_codes(codes)
+        assert images.shape == x.shape
+        assert torch.equal(images, model.decode_codes(*codes.values()))
+        # The codes decode to what the model reconstructs from the image itself.
+        torch.testing.assert_close(images, model(x)[0], rtol=0, atol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# Configs
+
+def test_the_config_holds_every_setting_and_rebuilds_the_same_model():
+    model = tiny_model(VQVAE2)
+    assert model.config == {**dict(in_channels=3, image_size=32, num_res_blocks=1, downsample=4, commitment_cost=0.25,
+                                   ema=True, decay=0.99, dead_code_threshold=1.0), **TINY}
+    torch.manual_seed(0)
+    rebuilt = build_model('vq_vae2', model.config)
+    assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), model.state_dict().values()))
+    assert count_parameters('vq_vae2', model.config) == sum(p.numel() for p in model.parameters())
+    for preset in VQ_PRESETS.values():  # every preset is a valid config
+        count_parameters('vq_vae2', preset)  # builds it without allocating its weights
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (dict(hidden_size=16), 'unknown setting hidden_size'),
+    (dict(hidden_channels='16'), 'hidden_channels must be an integer'),
+    (dict(hidden_channels=16.0), 'hidden_channels must be an integer'),
+    (dict(ema=1), 'ema must be true or false'),
+    (dict(num_embeddings=1), 'num_embeddings must be >= 2'),
+    (dict(num_embeddings=40000), 'num_embeddings must be <= 32768'),
+    (dict(decay=1.0), 'decay must be < 1.0'),
+    (dict(commitment_cost=float('nan')), 'commitment_cost must be a finite number'),
+    (dict(downsample=3), 'downsample must be one of 2, 4, 8'),
+    (dict(image_size=None), 'image_size must be set'),
+])
+def test_a_bad_config_is_refused_with_a_config_error_naming_the_setting(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        VQVAE(**{**TINY, **overrides})
+    with pytest.raises(ConfigError, match=message):
+        build_model('vq_vae2', {**TINY, **overrides})
+
+
+def test_build_model_refuses_an_unknown_kind_and_check_value_converts_ints_to_floats():
+    with pytest.raises(ConfigError, match='unknown model kind'):
+        build_model('vq_gan', {})
+    assert check_value('decay', float, 1, {}) == 1.0 and isinstance(check_value('decay', float, 1, {}), float)
+
+
 # -----------------------------------------------------------------------------
 # Checkpoints
 
@@ -310,13 +400,27 @@ def test_checkpoint_whose_weights_do_not_fit_its_config_is_refused(tmp_path):
     path = tmp_path / 'vq.pth'
     save_checkpoint({'kind': model.kind, 'config': {**model.config, 'num_embeddings': 64},
                      'model': model.state_dict()}, path)
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match='do not fit a vq_vae built from the stored config: .*quantizer'):
+        load_model(path)
+
+
+@pytest.mark.parametrize('config, message', [
+    ({**TINY, 'image_size': 32, 'colour': True}, 'config: unknown setting colour'),
+    ({**TINY, 'image_size': 30}, 'config: image size 30 is not divisible'),
+    ([1, 2], 'config must be a dict'),
+])
+def test_checkpoint_whose_config_is_bad_is_refused_naming_the_problem(tmp_path, config, message):
+    path = tmp_path / 'vq.pth'
+    save_checkpoint({'kind': 'vq_vae', 'config': config, 'model': tiny_model(VQVAE).state_dict()}, path)
+    with pytest.raises(CheckpointError, match=message):
         load_model(path)
 
 
 def test_unreadable_checkpoints_raise_checkpoint_error(tmp_path):
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match='not found'):
         load_checkpoint(tmp_path / 'missing.pth')
+    with pytest.raises(CheckpointError, match='is a directory'):
+        load_checkpoint(tmp_path)
 
     good = tmp_path / 'good.pth'
     model = tiny_model(VQVAE)
