@@ -114,8 +114,12 @@ def class_labels(prior, class_label, num_samples):
 
 
 def sample_seed(seed, index):
-    """The seed of sample `index`'s own generator: its draws depend on --seed and its index only."""
-    return (seed << 32) + index
+    """The seed of sample `index`'s own generator: its draws depend on --seed and its index only.
+
+    torch's CPU generator keeps only the low 32 bits of a seed, so --seed is mixed into them (odd multiplier: the
+    samples of one run all get different seeds).
+    """
+    return (seed * 0x9E3779B1 + index) % 2 ** 32
 
 
 def shard(num_samples, rank, world_size):
