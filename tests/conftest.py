@@ -1,12 +1,163 @@
-"""Fixtures shared by the test files."""
+"""Fixtures shared by the test files: tiny checkpoints trained once per session through the real scripts.
+
+The session fixtures are one chained run of the pipeline on the built-in shapes data, every stage through its real
+script (run in this process, see helpers.run_in_process), for the flat and the hierarchical models:
+
+    stage1    main.py                                  {'vq_vae': ScriptRun, 'vq_vae2': ScriptRun}
+    priors    train_pixelcnn_vqvae.py / ...vqvae2.py   {'flat': ScriptRun, 'hierarchical': ScriptRun (6 classes)}
+    samples   generate_samples_pixelcnn_vqvae*.py      {'flat': ScriptRun, 'hierarchical': ScriptRun}
+
+Treat their folders as read-only: copy a checkpoint before resuming from it or editing it (a resume writes next to
+its checkpoint). Stage 2 caches codes next to the stage-1 checkpoints, in codes_cache/, as it always does.
+
+Runs that must be real processes (torchrun, or a process's exit status and stderr) start in the background before the
+first test, when a collected test asks for them: `ddp_job`, `process_checks` (see background.py).
+"""
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
 import pytest
 import torch
+import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: models/, main.py
+
+from background import DDPJob, start_process_checks  # noqa: E402
+from common.data import FASHION_MNIST_SYSTEM_DIR  # noqa: E402
+from helpers import (TINY_PRIOR, TINY_STAGE1, VQ_FLAG, assert_succeeded, load_state,  # noqa: E402
+                     run_in_process)
+
+# tqdm's monitor thread would be the only other thread of this process, which the fork-based tests would copy in the
+# middle of whatever it holds.
+tqdm.tqdm.monitor_interval = 0
 
 
-@pytest.fixture(scope='module')
-def single_thread():
-    """These models are tiny: one thread is fastest, and spared the OpenMP wake-ups that stall a busy 2-core box."""
+@pytest.fixture(scope='session', autouse=True)
+def one_thread():
+    """The models here are tiny: one thread is fastest, spared the OpenMP wake-ups that stall a busy 2-core box, and
+    it makes in-process runs computed the same way as the single-threaded script processes."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope='module')
+def single_thread():
+    """Kept for test files that ask for it: the whole session already runs with one thread."""
+    yield
+
+
+@dataclass
+class ScriptRun:
+    """A finished script run: its --out_dir and its CompletedProcess (returncode, stdout, stderr)."""
+
+    out_dir: Path
+    result: object
+
+    def path(self, name='best.pth'):
+        """A file of the run's output folder."""
+        return self.out_dir / name
+
+    def state(self, name='best.pth'):
+        """A checkpoint of the run, as stored."""
+        return load_state(self.out_dir / name)
+
+
+def run_ok(args, out_dir):
+    """Run a script in this process with --out_dir; it must succeed. Returns a ScriptRun."""
+    result = run_in_process([*args, '--out_dir', out_dir])
+    assert_succeeded(result)
+    return ScriptRun(Path(out_dir), result)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The chained pipeline: stage 1 -> 2 -> 3
+
+@pytest.fixture(scope='session')
+def stage1(tmp_path_factory):
+    """main.py with TINY_STAGE1 (30 steps on 480 shapes): a VQ-VAE (8x8 codes) and a VQ-VAE-2 (4x4 + 8x8 codes)."""
+    folder = tmp_path_factory.mktemp('stage1')
+    return {arch: run_ok(['main.py', '--arch', arch, *TINY_STAGE1], folder / arch) for arch in ('vq_vae', 'vq_vae2')}
+
+
+PRIOR_RUNS = {  # name -> (script, stage-1 run, extra flags)
+    'flat': ('train_pixelcnn_vqvae.py', 'vq_vae', []),
+    'hierarchical': ('train_pixelcnn_vqvae2.py', 'vq_vae2', ['--class_conditional']),
+}
+
+
+@pytest.fixture(scope='session')
+def priors(stage1, tmp_path_factory):
+    """The prior scripts with TINY_PRIOR on the stage-1 best.pth files: a flat unconditional prior and a
+    class-conditional hierarchical one. Each of them extracted and cached the codes of its VQ model."""
+    folder = tmp_path_factory.mktemp('stage2')
+    return {name: run_ok([script, VQ_FLAG[script], stage1[vq].path(), *TINY_PRIOR, *flags], folder / name)
+            for name, (script, vq, flags) in PRIOR_RUNS.items()}
+
+
+SAMPLE_RUNS = {  # name -> (script, prior run, stage-1 run, extra flags)
+    'flat': ('generate_samples_pixelcnn_vqvae.py', 'flat', 'vq_vae',
+             ['--num_samples', '5', '--batch_size', '2', '--seed', '1', '--save_individual']),
+    'hierarchical': ('generate_samples_pixelcnn_vqvae2.py', 'hierarchical', 'vq_vae2',
+                     ['--num_samples', '4', '--batch_size', '3']),
+}
+
+
+def sampling_args(name, stage1, priors, *flags):
+    """The stage-3 command line of SAMPLE_RUNS[name], with `flags` appended (later flags win)."""
+    script, prior, vq, extra = SAMPLE_RUNS[name]
+    return [script, VQ_FLAG[script], stage1[vq].path(), '--prior_checkpoint', priors[prior].path(), *extra,
+            '--device', 'cpu', *flags]
+
+
+@pytest.fixture(scope='session')
+def samples(stage1, priors, tmp_path_factory):
+    """The sampling scripts on the session's checkpoints: 5 flat samples (seed 1, one PNG each) and 4 hierarchical
+    ones with every class in turn."""
+    folder = tmp_path_factory.mktemp('stage3')
+    return {name: run_ok(sampling_args(name, stage1, priors), folder / name) for name in SAMPLE_RUNS}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Real data
+
+@pytest.fixture(scope='session')
+def fashion_data_dir(tmp_path_factory):
+    """A data folder for Fashion-MNIST, which the scripts fill from Debian's package; skips the test without it."""
+    if not os.path.exists(os.path.join(FASHION_MNIST_SYSTEM_DIR, 'train-images-idx3-ubyte.gz')):
+        pytest.skip(f'Fashion-MNIST is not installed in {FASHION_MNIST_SYSTEM_DIR} '
+                    f'(apt-get install dataset-fashion-mnist)')
+    return tmp_path_factory.mktemp('fashion_data')
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Real processes, started in the background
+
+BACKGROUND = {'ddp_job': DDPJob, 'process_checks': start_process_checks}
+
+
+@pytest.fixture(scope='session', autouse=True)
+def background_jobs(request, tmp_path_factory):
+    """Start the background runs that some collected test asks for (by fixture name), before the first test."""
+    wanted = sorted({name for item in request.session.items for name in getattr(item, 'fixturenames', ())
+                     if name in BACKGROUND})
+    jobs = {name: BACKGROUND[name](tmp_path_factory.mktemp(name)) for name in wanted}
+    yield jobs
+    for job in jobs.values():
+        for process in [job] if isinstance(job, DDPJob) else [check[0] for check in job.values()]:
+            process.stop()
+
+
+@pytest.fixture(scope='session')
+def ddp_job(background_jobs):
+    """The torchrun run of tests/ddp_driver.py (a background.DDPJob), started as the session started."""
+    return background_jobs['ddp_job']
+
+
+@pytest.fixture(scope='session')
+def process_checks(background_jobs):
+    """{name: (background.Job, out_dir, error fragment)}: one bad input per stage, in real processes."""
+    return background_jobs['process_checks']

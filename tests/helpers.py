@@ -1,7 +1,21 @@
-"""Running the real scripts in subprocesses for the end-to-end tests, with W&B offline and no network."""
+"""Running the real scripts from tests: in this process (fast) or in a subprocess (when the process is the point).
+
+`run_in_process` executes a script's `if __name__ == '__main__':` block with runpy, so the real parser, `main` and
+`run_main` (one-line errors, exit status 2) run exactly as on the command line, without the seconds a new process
+spends importing torch. Both runners return a `subprocess.CompletedProcess` with returncode, stdout and stderr, so the
+same assertions (`assert_succeeded`, `assert_one_line_error`) apply to either. Use `run_script` (a real process) only
+where exit status, stderr or signals of a process are what is tested.
+"""
+import contextlib
+import io
 import os
+import runpy
 import subprocess
 import sys
+import traceback
+import urllib.error
+import urllib.request
+from unittest import mock
 
 import torch
 
@@ -13,6 +27,13 @@ TIMEOUT_S = 600  # generous: the test machines are small and shared
 TINY_STAGE1 = ['--hidden_channels', '16', '--res_channels', '8', '--num_res_blocks', '1', '--num_embeddings', '32',
                '--embedding_dim', '8', '--batch_size', '16', '--num_train', '480', '--num_val', '128',
                '--epochs', '1', '--max_steps', '30', '--lr', '5e-3', '--device', 'cpu']
+# A prior for TINY_STAGE1's codes: ten steps of 32 code grids.
+TINY_PRIOR = ['--hidden_channels', '16', '--num_layers', '2', '--embedding_dim', '8', '--batch_size', '32',
+              '--max_steps', '10', '--num_epoch_samples', '4', '--lr', '1e-2', '--device', 'cpu']
+# The flag that names the VQ checkpoint, per stage-2 and stage-3 script.
+VQ_FLAG = {'train_pixelcnn_vqvae.py': '--vqvae_checkpoint', 'train_pixelcnn_vqvae2.py': '--vqvae2_checkpoint',
+           'generate_samples_pixelcnn_vqvae.py': '--vqvae_checkpoint',
+           'generate_samples_pixelcnn_vqvae2.py': '--vqvae2_checkpoint'}
 
 
 def script_env(**extra):
@@ -26,6 +47,9 @@ def script_env(**extra):
             'http_proxy': closed_port, 'https_proxy': closed_port, 'HTTP_PROXY': closed_port,
             'HTTPS_PROXY': closed_port, 'no_proxy': '', 'NO_PROXY': '', **extra}
 
+
+# -----------------------------------------------------------------------------
+# Subprocesses
 
 def start_script(args, cwd=REPO, env=None):
     """Start `python <args>` in the repo root without waiting; returns the Popen."""
@@ -45,20 +69,76 @@ def finish(process, timeout=TIMEOUT_S):
 
 
 def run_script(args, cwd=REPO, env=None, timeout=TIMEOUT_S):
-    """Run `python <args>` in the repo root and wait; returns a CompletedProcess."""
+    """Run `python <args>` in a new process and wait; returns a CompletedProcess."""
     return finish(start_script(args, cwd, env), timeout)
 
 
 def run_scripts(commands):
-    """Run {name: args} all at once (each run mostly imports torch, so they overlap well); {name: CompletedProcess}."""
+    """Run {name: args} as processes all at once (each mostly imports torch, so they overlap well)."""
     started = {name: start_script(args) for name, args in commands.items()}
     return {name: finish(process) for name, process in started.items()}
 
+
+# -----------------------------------------------------------------------------
+# In this process
+
+def _refuse_download(*args, **kwargs):
+    raise urllib.error.URLError('no network in the tests')
+
+
+def run_in_process(args, cwd=REPO, env=None):
+    """Run `python <args>` inside this process and return a CompletedProcess, as `run_script` would.
+
+    The script runs as __main__ (runpy) with sys.argv set, stdout and stderr captured, W&B offline and downloads
+    refused. SystemExit becomes the return code (2 for the one-line errors of run_main); an uncaught exception is
+    printed to the captured stderr as a traceback with return code 1, as Python would. The working directory, grad
+    mode, thread count and environment are restored afterwards.
+    """
+    args = [str(arg) for arg in args]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    env = {'WANDB_MODE': 'offline', 'WANDB_SILENT': 'true', **(env or {})}
+    saved_env = {name: os.environ.get(name) for name in env}
+    saved_argv, saved_cwd, threads = sys.argv, os.getcwd(), torch.get_num_threads()
+    returncode = 0
+    try:
+        os.environ.update(env)
+        os.chdir(cwd)
+        sys.argv = list(args)
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), \
+                mock.patch.object(urllib.request, 'urlopen', _refuse_download), torch.set_grad_enabled(True):
+            try:
+                runpy.run_path(os.path.join(cwd, args[0]), run_name='__main__')
+            except SystemExit as e:
+                if isinstance(e.code, str):
+                    print(e.code, file=sys.stderr)
+                returncode = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+            except Exception:
+                traceback.print_exc()
+                returncode = 1
+    finally:
+        sys.argv = saved_argv
+        os.chdir(saved_cwd)
+        torch.set_num_threads(threads)
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    return subprocess.CompletedProcess(args, returncode, stdout.getvalue(), stderr.getvalue())
+
+
+# -----------------------------------------------------------------------------
+# Assertions
 
 def assert_succeeded(result):
     """A run that exited 0 without a traceback."""
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'Traceback' not in result.stderr, result.stderr[-3000:]
+
+
+def error_lines(stderr):
+    """stderr without tqdm's progress bars (lines redrawn with carriage returns)."""
+    return [line for line in stderr.splitlines() if line.strip() and '\r' not in line and '%|' not in line]
 
 
 def assert_one_line_error(result, out_dir):
@@ -69,6 +149,23 @@ def assert_one_line_error(result, out_dir):
     assert len(lines) == 1, result.stderr
     assert not os.path.exists(out_dir) or not os.listdir(out_dir)
     return lines[0]
+
+
+# -----------------------------------------------------------------------------
+# Files
+
+def load_state(path):
+    """A checkpoint or codes file as stored (weights_only, like the scripts read it)."""
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def derive_checkpoint(src, dst, edit):
+    """Save the checkpoint `src` as `dst` after `edit(state)` changed it in place; returns `dst`."""
+    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+    state = load_state(src)
+    edit(state)
+    save_checkpoint(state, dst)
+    return dst
 
 
 def save_tiny_prior(path, num_embeddings=32):
