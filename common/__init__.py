@@ -1,1 +1,2 @@
-"""Code the scripts share: data, checkpoints, the training loop, logging and command-line helpers."""
+"""Code the scripts share: data, the code cache, the training loop, sampling, distributed set-up, logging and
+command-line helpers. Checkpoint files are models/checkpoint.py's."""

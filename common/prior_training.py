@@ -76,7 +76,7 @@ def prior_config(args, family, num_embeddings, num_classes):
 
 
 def stage1_data(vq_state, vq_path):
-    """The data settings a stage-1 checkpoint records; CheckpointError-like UserError if they are missing or bad."""
+    """The data settings a stage-1 checkpoint records; UserError if they are missing or bad."""
     data = vq_state.get('data')
     if not isinstance(data, dict) or data.get('name') not in DATASETS or not isinstance(data.get('data_dir'), str) \
             or not isinstance(data.get('seed'), int):

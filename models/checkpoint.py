@@ -1,8 +1,8 @@
 """Checkpoint files: plain dicts of tensors and primitives, written atomically and read with weights_only=True.
 
 Layout: {'format_version', 'kind', 'config', 'model', ...}; training scripts add 'optimizer', 'epoch', 'step',
-'metrics', 'data' and more (see PIXELCNN_PRIOR_README.md). `kind`, `config` and `model` are all that is needed to
-rebuild the model.
+'metrics', 'data' and more, prior scripts 'code_shapes' and 'vq_checkpoint' (see PIXELCNN_PRIOR_README.md, section 9).
+`kind`, `config` and `model` are all that is needed to rebuild the model.
 """
 
 import hashlib
