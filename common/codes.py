@@ -17,6 +17,7 @@ from tqdm import tqdm
 from models import atomic_save
 
 from .data import build_dataset
+from .errors import UserError
 
 
 def cache_key(vq_sha256, data, image_size, split):
@@ -79,8 +80,9 @@ def load_or_extract_codes(vq_model, vq_path, vq_sha256, data, image_size, split,
     codes = read_cache(path, key, vq_model.levels)
     if codes is not None:
         return codes, True
-    if not extract:
-        raise FileNotFoundError(f'code cache {path} is missing')
+    if not extract:  # rank 0 wrote it a moment ago: this process cannot see rank 0's files
+        raise UserError(f'code cache {path}, written by rank 0, is missing here; under torchrun on several nodes the '
+                        f'VQ checkpoint\'s folder must be on a file system all nodes share')
     dataset, _ = build_dataset(data['name'], split, image_size, data['data_dir'], seed=data['seed'],
                                num_samples=key['num_samples'])
     codes = extract_codes(vq_model, dataset, batch_size, device, num_workers)

@@ -133,7 +133,9 @@ def apply_resume_flags(args, state, path):
                               f'that --resume can continue; start a new run instead')
     args.out_dir = os.path.dirname(os.path.abspath(args.resume))
     names = [name for name in RESUMED_FLAGS if name in saved and not (name == 'lr' and args.lr is not None)]
-    changed = [f'--{name} {saved[name]}' for name in names if getattr(args, name) != saved[name]]
+    # A flag left at None (e.g. --lr) simply takes the saved value: only a given value that differs is news.
+    changed = [f'--{name} {saved[name]}' for name in names
+               if getattr(args, name) is not None and getattr(args, name) != saved[name]]
     for name in names:
         setattr(args, name, saved[name])
     if changed:
