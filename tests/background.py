@@ -28,6 +28,8 @@ DDP_STAGE1 = ['main.py', '--arch', 'vq_vae2', *TINY_VQ, '--num_train', '96', '--
 # On the stage-1 checkpoint of the torchrun run: 96 training images at batch 32, so 3 steps are one epoch.
 DDP_PRIOR = ['train_pixelcnn_vqvae2.py', '--hidden_channels', '16', '--num_layers', '2', '--embedding_dim', '8',
              '--batch_size', '32', '--max_steps', '3', '--num_epoch_samples', '0', '--device', 'cpu']
+# On both checkpoints: 5 samples, 3 on rank 0 and 2 on rank 1, in batches of 2.
+DDP_SAMPLES = ['generate_samples_pixelcnn_vqvae2.py', '--num_samples', '5', '--batch_size', '2', '--device', 'cpu']
 
 
 def free_port():
@@ -65,7 +67,8 @@ class Job:
 
 
 class DDPJob(Job):
-    """One torchrun launch of tests/ddp_driver.py: stage 1 under DDP, the prior on its checkpoint, the replica check.
+    """One torchrun launch of tests/ddp_driver.py: stage 1 under DDP, the prior on its checkpoint, stage 3 on both,
+    then the replica check.
 
     Phases run one after another in the same two workers, so the launcher and the workers import torch once.
     """
@@ -78,6 +81,9 @@ class DDPJob(Job):
             {'port': free_port(), 'argv': DDP_STAGE1 + ['--out_dir', str(self.stage1_dir)]},
             {'port': free_port(), 'argv': DDP_PRIOR + ['--vqvae2_checkpoint', str(self.stage1_dir / 'last.pth'),
                                                        '--out_dir', str(self.prior_dir)]},
+            {'port': free_port(), 'argv': DDP_SAMPLES + ['--vqvae2_checkpoint', str(self.stage1_dir / 'last.pth'),
+                                                         '--prior_checkpoint', str(self.prior_dir / 'last.pth'),
+                                                         '--out_dir', str(folder / 'samples_ddp')]},
             {'port': free_port(), 'replicas': {'steps': 3}},
         ]
         spec = folder / 'phases.json'
