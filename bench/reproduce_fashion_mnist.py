@@ -26,6 +26,7 @@ sys.path.insert(0, ROOT)
 
 from common.codes import load_or_extract_codes  # noqa: E402
 from common.data import FASHION_MNIST_SYSTEM_DIR, build_dataset, denormalize  # noqa: E402
+from common.sampling import codes_file_key  # noqa: E402
 from models import file_sha256, load_checkpoint, load_model  # noqa: E402
 
 CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot')
@@ -118,8 +119,11 @@ def evaluate(out_dir, data_dir, wall, num_test):
         data = load_checkpoint(vq_path)['data']
         data['num_samples'] = {**data.get('num_samples', {}), 'test': num_test}
         sha = file_sha256(vq_path)
-        codes = {split: load_or_extract_codes(vq_model, vq_path, sha, data, split, 500, 'cpu')[0]
+        codes = {split: load_or_extract_codes(vq_model, vq_path, sha, data, vq_model.image_size, split, 500, 'cpu')[0]
                  for split in ('train', 'test')}
+        # The cache holds {'levels': {level: codes}, 'labels'}; the table names the levels as codes.pt does.
+        codes = {split: {**{codes_file_key(level): value for level, value in part['levels'].items()},
+                         'labels': part['labels']} for split, part in codes.items()}
         levels = ['codes'] if vq_name == 'vq_vae' else ['codes_top', 'codes_bottom']
         for level in levels:
             perplexity, usage = code_stats(codes['test'][level], vq_model.num_embeddings)
