@@ -1,19 +1,30 @@
-"""Script runs in real processes that start in the background as the session starts (see conftest.py).
+"""Runs that start in the background as the session starts (see conftest.py), so that they use the second core while
+the tests run one after another in the first.
 
-A new process spends seconds importing torch. The runs that must be real processes (torchrun, or the exit status and
-stderr of a process) start together before the first test, so those seconds overlap the tests that run in-process.
+- `Job`: a real process. A new process spends seconds importing torch, so only the runs that must be real processes
+  (torchrun, or the exit status and stderr of a process) are jobs.
+- `ForkJob`: a function run in a fork of the test process, which has imported everything already: long in-process
+  runs that no test needs early (torch.compile, W&B, the Fashion-MNIST recipe).
+The tests that wait for a background run are ordered last (conftest.pytest_collection_modifyitems).
 """
 import json
 import os
+import pickle
 import signal
 import socket
 import subprocess
 import sys
+import time
+import traceback
 
 import numpy as np
+import torch
 from PIL import Image
 
-from helpers import REPO, TIMEOUT_S, script_env, write_random_bytes
+from helpers import REPO, TIMEOUT_S, TINY_STAGE1, run_in_process, script_env, write_random_bytes
+
+# Background runs yield the CPU to the tests that run meanwhile: those are the ones everything waits for.
+NICENESS = 10
 
 # ----------------------------------------------------------------------------------------------------------------
 # torchrun: the training scripts and a replica check in 2 processes on the CPU (gloo)
@@ -46,7 +57,8 @@ class Job:
         self.stdout_path, self.stderr_path = folder / f'{name}.out', folder / f'{name}.err'
         with open(self.stdout_path, 'w') as out, open(self.stderr_path, 'w') as err:
             self.process = subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO, env=env or script_env(),
-                                            stdout=out, stderr=err, start_new_session=True)
+                                            stdout=out, stderr=err, start_new_session=True,
+                                            preexec_fn=lambda: os.nice(NICENESS))
         self.args = [str(arg) for arg in args]
 
     def result(self, timeout=TIMEOUT_S):
@@ -64,6 +76,60 @@ class Job:
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
+
+
+class ForkJob:
+    """fn() run in a fork of this process, its output in a log file; result() returns what fn returned.
+
+    The fork shares everything this process imported, so it starts in milliseconds. The session runs with one torch
+    thread (conftest.py), so no OpenMP thread pool is copied half-way. The child leaves with os._exit: nothing of the
+    test session runs in it.
+    """
+
+    def __init__(self, fn, folder, name):
+        self.log_path, self.result_path = folder / f'{name}.log', folder / f'{name}.pickle'
+        self.name, self.status = name, None
+        self.pid = os.fork()
+        if self.pid == 0:
+            code = 1
+            try:
+                os.nice(NICENESS)
+                log = open(self.log_path, 'w', buffering=1)
+                os.dup2(log.fileno(), 1)
+                os.dup2(log.fileno(), 2)
+                sys.stdout = sys.stderr = log
+                value = fn()
+                with open(f'{self.result_path}.partial', 'wb') as f:
+                    pickle.dump(value, f)
+                os.replace(f'{self.result_path}.partial', self.result_path)
+                code = 0
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+
+    def result(self, timeout=TIMEOUT_S):
+        """Wait for the child; what fn returned, or an AssertionError with the child's log if it failed."""
+        deadline = time.time() + timeout
+        while self.status is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.status = status
+            elif time.time() > deadline:
+                self.stop()
+                raise AssertionError(f'{self.name} ran past {timeout} s, a hang?\n{self.log_path.read_text()[-3000:]}')
+            else:
+                time.sleep(0.05)
+        if os.waitstatus_to_exitcode(self.status) != 0:
+            raise AssertionError(f'{self.name} failed:\n{self.log_path.read_text()[-3000:]}')
+        with open(self.result_path, 'rb') as f:
+            return pickle.load(f)
+
+    def stop(self):
+        """Kill the child if it still runs."""
+        if self.status is None:
+            os.kill(self.pid, signal.SIGKILL)
+            _, self.status = os.waitpid(self.pid, 0)
 
 
 class DDPJob(Job):
@@ -130,3 +196,83 @@ def start_process_checks(folder):
     }
     return {name: (Job(args + ['--out_dir', folder / name], folder, name), folder / name, fragment)
             for name, (args, fragment) in checks.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Long in-process runs in forks
+
+# 64 images in batches of 16: 4 steps, one epoch.
+SHORT_STAGE1 = TINY_STAGE1 + ['--num_train', '64', '--num_val', '32', '--max_steps', '4']
+
+
+def run_checked(args):
+    """run_in_process, raising with the run's stderr if it did not succeed."""
+    result = run_in_process(args)
+    if result.returncode != 0:
+        raise RuntimeError(f'{args} exited with {result.returncode}:\n{result.stderr[-3000:]}')
+    return result
+
+
+def compile_runs(folder):
+    """A short VQ-VAE-2 run with --compile and the same run without: {'plain': out_dir, 'compiled': out_dir, ...}.
+
+    torch.compile's default backend (inductor) spends 10-75 s generating and compiling C++ for even this tiny model on
+    a CPU, so the run compiles with the 'eager' backend: TorchDynamo still captures the graphs of the model, wrapped
+    exactly as --compile wraps it (which is what breaks: graph breaks, state-dict key prefixes); only inductor's code
+    generation, which is torch's own, is left out.
+    """
+    real_compile, compiled = torch.compile, []
+
+    def compile_eagerly(model, **kwargs):
+        compiled.append(type(model).__name__)
+        return real_compile(model, backend='eager', **kwargs)
+
+    torch.compile = compile_eagerly  # this is a forked child: nothing to restore
+    run_checked(['main.py', '--arch', 'vq_vae2', *SHORT_STAGE1, '--compile', '--out_dir', folder / 'compiled'])
+    torch.compile = real_compile
+    run_checked(['main.py', '--arch', 'vq_vae2', *SHORT_STAGE1, '--out_dir', folder / 'plain'])
+    return {'plain': folder / 'plain', 'compiled': folder / 'compiled', 'compiled_models': compiled}
+
+
+def wandb_runs(folder):
+    """A short run with --wandb (offline), then a resume of it: (first run's CompletedProcess, the resume's)."""
+    first = run_checked(['main.py', '--arch', 'vq_vae', *SHORT_STAGE1, '--max_steps', '2', '--wandb',
+                         '--out_dir', folder])
+    resumed = run_checked(['main.py', '--resume', folder / 'last.pth', '--max_steps', '3', '--wandb',
+                           '--out_dir', folder])
+    return first, resumed
+
+
+TINY_RECIPE_FLAGS = {  # appended to each stage's command line of the Fashion-MNIST recipe: later flags win
+    'main.py': ['--hidden_channels', '16', '--res_channels', '8', '--num_res_blocks', '1', '--num_embeddings', '32',
+                '--embedding_dim', '8'],
+    'train_pixelcnn_vqvae.py': ['--hidden_channels', '16', '--num_layers', '2', '--embedding_dim', '8'],
+    'train_pixelcnn_vqvae2.py': ['--hidden_channels', '16', '--num_layers', '2', '--embedding_dim', '8'],
+}
+
+
+def fashion_recipe(folder, data_dir):
+    """bench/reproduce_fashion_mnist.py at --scale 0.005 (7 steps per stage) on 256 training images, with tiny models:
+    (its results folder, the stage command lines it ran).
+
+    The recipe runs each stage as `python <script> ...`; here those commands run in this process with
+    TINY_RECIPE_FLAGS appended, so the recipe's own logic and the real scripts run without five more torch imports
+    and minutes of default-size models.
+    """
+    stages, real_run = [], subprocess.run
+
+    def run_stage_in_process(command, cwd=None, check=False, **kwargs):
+        if command[0] != sys.executable or command[1] not in TINY_RECIPE_FLAGS:
+            return real_run(command, cwd=cwd, check=check, **kwargs)
+        stages.append(command[1:])
+        result = run_in_process([*command[1:], *TINY_RECIPE_FLAGS[command[1]]], cwd=cwd or REPO)
+        if check and result.returncode != 0:
+            raise subprocess.CalledProcessError(result.returncode, command, result.stdout, result.stderr)
+        return result
+
+    subprocess.run = run_stage_in_process  # this is a forked child: nothing to restore
+    out_dir = folder / 'results'
+    run_checked(['bench/reproduce_fashion_mnist.py', '--scale', '0.005', '--num_train', '256', '--num_val', '32',
+                 '--num_test', '64', '--vq_batch_size', '32', '--prior_batch_size', '32', '--out_dir', out_dir,
+                 '--data_dir', data_dir, '--quiet'])
+    return out_dir, stages

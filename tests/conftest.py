@@ -10,8 +10,9 @@ script (run in this process, see helpers.run_in_process), for the flat and the h
 Treat their folders as read-only: copy a checkpoint before resuming from it or editing it (a resume writes next to
 its checkpoint). Stage 2 caches codes next to the stage-1 checkpoints, in codes_cache/, as it always does.
 
-Runs that must be real processes (torchrun, or a process's exit status and stderr) start in the background before the
-first test, when a collected test asks for them: `ddp_job`, `process_checks` (see background.py).
+Runs that must be real processes (torchrun, or a process's exit status and stderr), and long in-process runs that no
+test needs early, start in the background before the first test when a collected test asks for them: `ddp_job`,
+`process_checks`, `compile_job`, `wandb_job`, `fashion_job` (see background.py). Those tests run last.
 """
 import os
 import sys
@@ -24,7 +25,8 @@ import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: models/, main.py
 
-from background import DDPJob, start_process_checks  # noqa: E402
+from background import (DDPJob, ForkJob, compile_runs, fashion_recipe, start_process_checks,  # noqa: E402
+                        wandb_runs)
 from common.data import FASHION_MNIST_SYSTEM_DIR  # noqa: E402
 from helpers import (TINY_PRIOR, TINY_STAGE1, VQ_FLAG, assert_succeeded, load_state,  # noqa: E402
                      run_in_process)
@@ -32,6 +34,7 @@ from helpers import (TINY_PRIOR, TINY_STAGE1, VQ_FLAG, assert_succeeded, load_st
 # tqdm's monitor thread would be the only other thread of this process, which the fork-based tests would copy in the
 # middle of whatever it holds.
 tqdm.tqdm.monitor_interval = 0
+torch.set_num_threads(1)  # before any test module runs torch, so that forks never copy an OpenMP pool (see one_thread)
 
 
 @pytest.fixture(scope='session', autouse=True)
@@ -122,33 +125,46 @@ def samples(stage1, priors, tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Real data
+# Background runs: real processes, and long in-process runs in forks of this process (see background.py)
 
-@pytest.fixture(scope='session')
-def fashion_data_dir(tmp_path_factory):
-    """A data folder for Fashion-MNIST, which the scripts fill from Debian's package; skips the test without it."""
+def start_fashion_recipe(folder):
+    """The Fashion-MNIST recipe in a fork, or None where the data set is not installed."""
     if not os.path.exists(os.path.join(FASHION_MNIST_SYSTEM_DIR, 'train-images-idx3-ubyte.gz')):
-        pytest.skip(f'Fashion-MNIST is not installed in {FASHION_MNIST_SYSTEM_DIR} '
-                    f'(apt-get install dataset-fashion-mnist)')
-    return tmp_path_factory.mktemp('fashion_data')
+        return None
+    return ForkJob(lambda: fashion_recipe(folder, folder / 'data'), folder, 'fashion_recipe')
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Real processes, started in the background
+BACKGROUND = {  # fixture name -> starter(folder); a job starts only if a collected test asks for its fixture
+    'ddp_job': DDPJob,
+    'process_checks': start_process_checks,
+    'compile_job': lambda folder: ForkJob(lambda: compile_runs(folder), folder, 'compile'),
+    'wandb_job': lambda folder: ForkJob(lambda: wandb_runs(folder), folder, 'wandb'),
+    'fashion_job': start_fashion_recipe,
+}
 
-BACKGROUND = {'ddp_job': DDPJob, 'process_checks': start_process_checks}
+
+def pytest_collection_modifyitems(session, config, items):
+    """Run the tests that wait for a background run last, so that the run has the whole session to finish."""
+    items.sort(key=lambda item: any(name in BACKGROUND for name in getattr(item, 'fixturenames', ())))
 
 
 @pytest.fixture(scope='session', autouse=True)
-def background_jobs(request, tmp_path_factory):
-    """Start the background runs that some collected test asks for (by fixture name), before the first test."""
-    wanted = sorted({name for item in request.session.items for name in getattr(item, 'fixturenames', ())
-                     if name in BACKGROUND})
-    jobs = {name: BACKGROUND[name](tmp_path_factory.mktemp(name)) for name in wanted}
+def background_jobs(request, tmp_path_factory, one_thread):
+    """Start the background runs that some collected test asks for (by fixture name), before the first test.
+
+    The forks go first, while this process has no thread but the main one.
+    """
+    wanted = {name for item in request.session.items for name in getattr(item, 'fixturenames', ())
+              if name in BACKGROUND}
+    jobs = {name: BACKGROUND[name](tmp_path_factory.mktemp(name))
+            for name in sorted(wanted, key=lambda name: name not in ('compile_job', 'wandb_job', 'fashion_job'))}
     yield jobs
     for job in jobs.values():
-        for process in [job] if isinstance(job, DDPJob) else [check[0] for check in job.values()]:
-            process.stop()
+        if isinstance(job, dict):  # process_checks: {name: (Job, out_dir, fragment)}
+            for check in job.values():
+                check[0].stop()
+        elif job is not None:
+            job.stop()
 
 
 @pytest.fixture(scope='session')
@@ -161,3 +177,33 @@ def ddp_job(background_jobs):
 def process_checks(background_jobs):
     """{name: (background.Job, out_dir, error fragment)}: one bad input per stage, in real processes."""
     return background_jobs['process_checks']
+
+
+@pytest.fixture(scope='session')
+def compile_job(background_jobs):
+    """A ForkJob whose result is background.compile_runs's: a run with --compile (eager backend) and one without."""
+    return background_jobs['compile_job']
+
+
+@pytest.fixture(scope='session')
+def wandb_job(background_jobs):
+    """A ForkJob whose result is background.wandb_runs's: a run with --wandb offline and its resume."""
+    return background_jobs['wandb_job']
+
+
+@pytest.fixture(scope='session')
+def fashion_job(background_jobs):
+    """A ForkJob whose result is background.fashion_recipe's; skips the test without Fashion-MNIST."""
+    if background_jobs['fashion_job'] is None:
+        pytest.skip(f'Fashion-MNIST is not installed in {FASHION_MNIST_SYSTEM_DIR} '
+                    f'(apt-get install dataset-fashion-mnist)')
+    return background_jobs['fashion_job']
+
+
+@pytest.fixture(scope='session')
+def fashion_data_dir(tmp_path_factory):
+    """A data folder for Fashion-MNIST, which the scripts fill from Debian's package; skips the test without it."""
+    if not os.path.exists(os.path.join(FASHION_MNIST_SYSTEM_DIR, 'train-images-idx3-ubyte.gz')):
+        pytest.skip(f'Fashion-MNIST is not installed in {FASHION_MNIST_SYSTEM_DIR} '
+                    f'(apt-get install dataset-fashion-mnist)')
+    return tmp_path_factory.mktemp('fashion_data')

@@ -7,10 +7,12 @@ The VQ-VAE and VQ-VAE-2 runs are the session's `stage1` fixture; the other runs 
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
+from background import SHORT_STAGE1
 from common.data import build_dataset
 from common.trainer import Trainer
 from conftest import run_ok
@@ -19,8 +21,7 @@ from models import VQVAE, VQVAE2, build_model, load_model
 
 CHECKPOINT_KEYS = {'format_version', 'kind', 'config', 'model', 'optimizer', 'scheduler', 'scaler', 'epoch', 'step',
                    'batch_in_epoch', 'metrics', 'best_score', 'score_scope', 'args', 'wandb_run_id', 'rng', 'data'}
-# 64 images in batches of 16: 4 steps, one epoch.
-SHORT = TINY_STAGE1 + ['--num_train', '64', '--num_val', '32', '--max_steps', '4']
+SHORT = SHORT_STAGE1  # 64 images in batches of 16: 4 steps, one epoch
 
 
 def read_metrics(out_dir):
@@ -159,27 +160,16 @@ def test_channels_last_trains_the_same_model(plain_run, tmp_path):
     assert load_model(run.path('last.pth')).config == state['config']
 
 
-def test_compile_trains_the_same_model_and_saves_plain_weights(plain_run, tmp_path, monkeypatch):
-    # torch.compile's default backend (inductor) spends 10-75 s generating and compiling C++ for even a tiny model on
-    # this CPU, so the test compiles with the 'eager' backend: TorchDynamo still captures the graphs of the model
-    # wrapped exactly as --compile wraps it (which is what breaks: graph breaks, state-dict key prefixes), and only
-    # the code generation, which is torch's own, is left out.
-    real_compile, compiled = torch.compile, []
-
-    def compile_eagerly(model, **kwargs):
-        compiled.append(model)
-        return real_compile(model, backend='eager', **kwargs)
-
-    monkeypatch.setattr(torch, 'compile', compile_eagerly)
-    try:
-        run = run_ok(['main.py', '--arch', 'vq_vae2', *SHORT, '--compile'], tmp_path)
-    finally:
-        torch._dynamo.reset()
-    assert len(compiled) == 1 and isinstance(compiled[0], VQVAE2)
-    state = run.state('last.pth')
+def test_compile_trains_the_same_model_and_saves_plain_weights(compile_job):
+    # A run with --compile and one without, in a fork of this process (tests/background.py, compile_runs: the
+    # 'eager' backend keeps this to seconds, and why that tests what --compile can break).
+    runs = compile_job.result()
+    assert runs['compiled_models'] == ['VQVAE2']  # the trainer compiled the model, once
+    state = load_state(runs['compiled'] / 'last.pth')
+    assert state['args']['compile'] is True and state['step'] == 4
     assert not any(name.startswith('_orig_mod.') for name in state['model'])  # the model's keys, not the wrapper's
-    assert_same_weights(state, plain_run.state('last.pth'), 1e-5)
-    load_model(run.path('last.pth'))
+    assert_same_weights(state, load_state(runs['plain'] / 'last.pth'), 1e-5)
+    load_model(runs['compiled'] / 'last.pth')
 
 
 def test_codebook_update_loss_learns_the_codebook_by_gradient(tmp_path):
@@ -197,14 +187,16 @@ def test_codebook_update_loss_learns_the_codebook_by_gradient(tmp_path):
     assert moments.shape == (32, 8) and moments.abs().sum() > 0
 
 
-def test_wandb_offline_writes_a_run_under_out_dir_and_a_resume_continues_it(tmp_path):
-    run = run_ok(['main.py', '--arch', 'vq_vae', *SHORT, '--max_steps', '2', '--wandb'], tmp_path)
-    assert read_metrics(tmp_path)[-1]['step'] == 2
-    runs = [entry for entry in os.listdir(tmp_path / 'wandb') if entry.startswith('offline-run-')]
-    run_id = run.state('last.pth')['wandb_run_id']
-    assert len(runs) == 1 and runs[0].endswith(run_id)
-    resumed = run_ok(['main.py', '--resume', run.path('last.pth'), '--max_steps', '3', '--wandb'], tmp_path)
-    assert resumed.state('last.pth')['wandb_run_id'] == run_id
+def test_wandb_offline_writes_a_run_under_out_dir_and_a_resume_continues_it(wandb_job):
+    # Both runs happen in a fork of this process (tests/background.py, wandb_runs): W&B takes seconds to start.
+    first, resumed = wandb_job.result()
+    out_dir = Path(first.args[first.args.index('--out_dir') + 1])
+    assert read_metrics(out_dir)[0]['step'] == 2 and read_metrics(out_dir)[-1]['step'] == 3
+    runs = [entry for entry in os.listdir(out_dir / 'wandb') if entry.startswith('offline-run-')]
+    run_id = load_state(out_dir / 'last.pth')['wandb_run_id']
+    # Offline, each start writes a folder of its own; the resume's carries the same run id (wandb sync joins them).
+    assert len(runs) == 2 and all(run.endswith(f'-{run_id}') for run in runs)
+    assert resumed.returncode == 0 and load_state(out_dir / 'best.pth')['wandb_run_id'] == run_id
 
 
 # ----------------------------------------------------------------------------------------------------------------
