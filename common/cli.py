@@ -41,6 +41,14 @@ def nonnegative_int(text):
     return value
 
 
+def nonnegative_float(text):
+    """argparse type: a finite float >= 0."""
+    value = float(text)
+    if not 0 <= value < float('inf'):
+        raise argparse.ArgumentTypeError(f'must be a finite number >= 0, got {text}')
+    return value
+
+
 def positive_float(text):
     """argparse type: a finite float > 0."""
     value = float(text)

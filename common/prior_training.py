@@ -11,10 +11,13 @@ import torch
 import torch.nn as nn
 from torch.utils.data import TensorDataset
 
-from models import PRIOR_PRESETS, build_model, file_sha256, load_checkpoint, model_from_checkpoint
+from models import (PRIOR_PRESETS, TRANSFORMER_PRESETS, build_model, file_sha256, load_checkpoint,
+                    model_from_checkpoint)
 from models.pixelcnn_prior import HierarchicalPixelCNNConfig
+from models.transformer_prior import HierarchicalTransformerConfig
 
-from .cli import OutputDir, add_common_flags, add_config_flags, config_from_flags, nonnegative_int, resolve_device
+from .cli import (OutputDir, add_common_flags, add_config_flags, config_from_flags, nonnegative_float, nonnegative_int,
+                  resolve_device)
 from .codes import load_or_extract_codes
 from .data import DATASETS, denormalize
 from .distributed import all_reduce_sum, cleanup_distributed, rank_zero_first, setup_distributed
@@ -27,11 +30,12 @@ LOG2 = math.log(2)
 
 
 class Family:
-    """A prior family: its checkpoint kinds (flat, two-level), config class, presets and size flags."""
+    """A prior family: its checkpoint kinds (flat, two-level), config class, presets, size flags and weight decay."""
 
-    def __init__(self, flat_kind, hierarchical_kind, config_class, presets, flags):
+    def __init__(self, flat_kind, hierarchical_kind, config_class, presets, flags, weight_decay):
         self.flat_kind, self.hierarchical_kind = flat_kind, hierarchical_kind
         self.config_class, self.presets, self.flags = config_class, presets, flags
+        self.weight_decay = weight_decay
 
     def kind(self, vq_kind):
         """The prior kind for a VQ model of `vq_kind`."""
@@ -40,19 +44,31 @@ class Family:
 
 FAMILIES = {
     'pixelcnn': Family('pixelcnn', 'hierarchical_pixelcnn', HierarchicalPixelCNNConfig, PRIOR_PRESETS,
-                       ('hidden_channels', 'num_layers', 'embedding_dim')),
+                       ('hidden_channels', 'num_layers', 'embedding_dim'), weight_decay=0.0),
+    'transformer': Family('transformer', 'hierarchical_transformer', HierarchicalTransformerConfig,
+                          TRANSFORMER_PRESETS, ('embed_dim', 'num_layers', 'num_heads', 'num_kv_heads', 'dropout',
+                                                'top_encoder_layers'), weight_decay=0.01),
 }
+DEFAULT_FAMILY = 'pixelcnn'
+FAMILY_OF_KIND = {kind: name for name, family in FAMILIES.items() for kind in (family.flat_kind,
+                                                                              family.hierarchical_kind)}
 
 
 def add_prior_flags(parser, vq_flag, out_dir, wandb_project):
     """Flags both prior training scripts share; `vq_flag` names the VQ checkpoint flag."""
     parser.add_argument(vq_flag, required=True, help='stage-1 checkpoint (best.pth or last.pth) to take codes from')
-    parser.add_argument('--prior', default='pixelcnn', choices=list(FAMILIES), help='prior family (default: pixelcnn)')
+    parser.add_argument('--prior', default=DEFAULT_FAMILY, choices=list(FAMILIES),
+                        help=f'prior family (default: {DEFAULT_FAMILY})')
     parser.add_argument('--preset', default='default', choices=['small', 'default', 'large'],
                         help='prior size preset; the size flags below override it (default: default)')
-    for name, family in FAMILIES.items():
+    added = set()
+    for name, family in FAMILIES.items():  # a flag both families have (num_layers) is added once
         group = parser.add_argument_group(f'{name} size (each flag overrides the preset)')
-        add_config_flags(group, family.config_class, family.flags, family.presets)
+        add_config_flags(group, family.config_class, [f for f in family.flags if f not in added], family.presets)
+        added.update(family.flags)
+    parser.add_argument('--weight_decay', type=nonnegative_float, default=None,
+                        help='AdamW weight decay on the matmul weights (default: ' + ', '.join(
+                            f'{name} {family.weight_decay}' for name, family in FAMILIES.items()) + ')')
     parser.add_argument('--class_conditional', action='store_true',
                         help='condition on the dataset\'s class labels (default: off)')
     parser.add_argument('--data_dir', default=None,
@@ -64,15 +80,20 @@ def add_prior_flags(parser, vq_flag, out_dir, wandb_project):
     add_common_flags(parser, out_dir=out_dir)
 
 
-def prior_config(args, family, num_embeddings, num_classes):
-    """Prior config: class defaults, then the preset, then the size flags; codebook size from the VQ model."""
+def prior_config(args, family, num_embeddings, num_classes, code_shapes):
+    """Prior config: class defaults, then the preset, then the size flags; codebook size (and, for a family with a
+    position table, its size) from the VQ model."""
     other = [f'--{name}' for other_name, other_family in FAMILIES.items() if other_name != args.prior
              for name in other_family.flags if name not in family.flags and getattr(args, name, None) is not None]
     if other:
-        raise UserError(f'{", ".join(other)} do not apply to the {args.prior} prior; drop them or choose another '
-                        f'--prior')
+        raise UserError(f'{", ".join(other)} {"does" if len(other) == 1 else "do"} not apply to the {args.prior} '
+                        f'prior; drop {"it" if len(other) == 1 else "them"} or choose another --prior')
     config = config_from_flags(args, family.config_class, family.flags, family.presets[args.preset])
-    return {**config, 'num_embeddings': num_embeddings, 'num_classes': num_classes}
+    config.update(num_embeddings=num_embeddings, num_classes=num_classes)
+    if 'max_height' in family.config_class.__dataclass_fields__:
+        config.update(max_height=max(h for h, _ in code_shapes.values()), max_width=max(w for _, w in
+                                                                                    code_shapes.values()))
+    return config
 
 
 def stage1_data(vq_state, vq_path):
@@ -173,7 +194,7 @@ def make_task(args, model, vq_model, datasets, levels, extra, device):
                 evaluate=evaluate, score_key='bits_per_code', score_scope='levels ' + '+'.join(levels),
                 checkpoint_extra=extra, on_epoch_end=on_epoch_end,
                 find_unused_parameters=len(levels) < len(all_levels),
-                optimizer_groups=getattr(model, 'optimizer_groups', None))
+                optimizer_groups=getattr(model, 'optim_groups', None))
 
 
 def train_prior(args, vq_path, vq_kind, levels=None):
@@ -206,8 +227,11 @@ def train_prior(args, vq_path, vq_kind, levels=None):
     # Create model
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     kind = resume_state['kind'] if resume_state else family.kind(vq_kind)
+    family = FAMILIES[FAMILY_OF_KIND[kind]]  # a resume continues the checkpoint's family
     config = resume_state['config'] if resume_state else prior_config(args, family, vq_model.num_embeddings,
-                                                                      num_classes)
+                                                                      num_classes, code_shapes)
+    if args.weight_decay is None:
+        args.weight_decay = family.weight_decay
     batch = args.batch_size // world_size
     check_memory(kind, config, device, lambda model: model.level_logits(
         {level: torch.zeros(batch, *shape, dtype=torch.long) for level, shape in code_shapes.items()},
@@ -226,6 +250,7 @@ def train_prior(args, vq_path, vq_kind, levels=None):
                   f'{config["num_embeddings"]} codes, grids {code_shapes}, training {"+".join(levels)}, '
                   f'class-conditional: {config["num_classes"] is not None}')
         task = make_task(args, model, vq_model, datasets, levels, extra, device)
+        task.weight_decay = args.weight_decay
         metrics = train(args, task, rank, world_size, device, resume_state)
         if rank == 0:
             print('final validation: ' + ', '.join(f'{k[4:]} {v:.4g}' for k, v in metrics.items()

@@ -122,7 +122,7 @@ def build_lr_scheduler(optimizer, schedule, total_steps):
 # Flags that fix the data order and the optimisation; --resume takes them from the checkpoint, so that a resumed run
 # continues the same run. --epochs and --max_steps stay as given, to allow training for longer, and an explicit --lr
 # overrides the checkpoint's (e.g. a lower one after the loss became NaN).
-RESUMED_FLAGS = ('batch_size', 'lr', 'lr_schedule', 'seed', 'amp')
+RESUMED_FLAGS = ('batch_size', 'lr', 'lr_schedule', 'seed', 'amp', 'weight_decay')
 
 
 def apply_resume_flags(args, state, path):

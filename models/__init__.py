@@ -1,4 +1,5 @@
-"""Models of this repo: VQ-VAE, VQ-VAE-2, masked convolutions, gated blocks and the PixelCNN priors.
+"""Models of this repo: VQ-VAE, VQ-VAE-2, and two prior families over their codes: gated PixelCNNs (masked
+convolutions, gated blocks) and causal transformers, each flat or hierarchical.
 
 Notebook use:
     from models import load_model
@@ -15,11 +16,13 @@ from .pixelcnn_prior import (PRIOR_PRESETS, GatedResBlock, HierarchicalPixelCNN,
                              sample_from_logits)
 from .prior import CodePrior
 from .quantizer import VectorQuantizer, code_statistics
+from .transformer_prior import TRANSFORMER_PRESETS, HierarchicalTransformerPrior, TransformerPrior
 from .vq_vae import VQ_PRESETS, VQVAE, VQConfig
 from .vq_vae2 import VQVAE2
 
 VQVAE_PRESETS = VQVAE2_PRESETS = VQ_PRESETS  # the two VQ models share their presets
-MODELS = {cls.kind: cls for cls in (VQVAE, VQVAE2, PixelCNN, HierarchicalPixelCNN)}
+MODELS = {cls.kind: cls for cls in (VQVAE, VQVAE2, PixelCNN, HierarchicalPixelCNN, TransformerPrior,
+                                    HierarchicalTransformerPrior)}
 VQ_KINDS = ('vq_vae', 'vq_vae2')
 PRIOR_KINDS = tuple(kind for kind in MODELS if kind not in VQ_KINDS)
 
@@ -64,7 +67,7 @@ def load_model(path, device='cpu', kinds=None):
 
 
 __all__ = ['VQVAE', 'VQVAE2', 'VectorQuantizer', 'MaskedConv2d', 'GatedResBlock', 'PixelCNN', 'HierarchicalPixelCNN',
-           'CodePrior', 'VQConfig', 'build_model', 'count_parameters', 'load_model', 'model_from_checkpoint',
+           'TransformerPrior', 'HierarchicalTransformerPrior', 'TRANSFORMER_PRESETS', 'CodePrior', 'VQConfig', 'build_model', 'count_parameters', 'load_model', 'model_from_checkpoint',
            'load_checkpoint', 'save_checkpoint', 'file_sha256', 'atomic_save', 'sample_from_logits',
            'code_statistics', 'CheckpointError', 'ConfigError', 'MODELS', 'VQ_KINDS', 'PRIOR_KINDS', 'VQ_PRESETS',
            'VQVAE_PRESETS', 'VQVAE2_PRESETS', 'PRIOR_PRESETS']
