@@ -1,11 +1,12 @@
-"""Time PixelCNN sampling: the reference sampler (one full forward pass per position) against the cached one.
+"""Time prior sampling, both families in one run: the reference sampler (one full forward pass per position) against
+the cached one (PixelCNN: cached rows and horizontal steps; transformer: a KV cache).
 
 Example:
     python bench/bench_sampling.py --threads 1
-    python bench/bench_sampling.py --quick   # a tiny prior on small grids: a smoke test in seconds
+    python bench/bench_sampling.py --quick   # tiny priors on small grids: a smoke test in seconds
 
-Uses the default prior, PixelCNN(): 512 codes, 128 hidden channels, 15 layers, with untrained weights (the time does
-not depend on them). The reference sampler costs the same at every position, so when a whole naive run would take
+Uses the default presets with untrained weights (the time does not depend on them): PixelCNN(), 512 codes, 128
+hidden channels, 15 layers; TransformerPrior(), 512 codes, width 256, 8 layers, 8 heads (2 key/value heads). The reference sampler costs the same at every position, so when a whole naive run would take
 longer than --max_naive_seconds, the first N positions are timed and the time scaled to all H*W positions. Prints the
 set-up, a Markdown table and how the results compare with the targets.
 """
@@ -21,11 +22,21 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for models/
 
 from common.cli import ArgumentParser, positive_float, positive_int  # noqa: E402
-from models import PixelCNN, sample_from_logits  # noqa: E402
+from models import PixelCNN, TransformerPrior, sample_from_logits  # noqa: E402
 
-QUICK_CONFIG = dict(num_embeddings=32, embedding_dim=8, hidden_channels=16, num_layers=3)
-SPEED_UP_TARGET = (16, 16, 50)  # grid, batch, naive / cached at least this
-FORWARD_TARGET = (16, 64, 5)  # grid, batch, cached / one forward pass at most this
+QUICK_CONFIGS = {'pixelcnn': dict(num_embeddings=32, embedding_dim=8, hidden_channels=16, num_layers=3),
+                 'transformer': dict(num_embeddings=32, embed_dim=16, num_layers=2, num_heads=2, num_kv_heads=1)}
+# family -> (grid, batch, naive / cached at least this), (grid, batch, cached / one forward pass at most this)
+TARGETS = {'pixelcnn': ((16, 16, 50), (16, 64, 5)), 'transformer': ((16, 16, None), (16, 64, 2))}
+
+
+def build_prior(family, quick, max_grid):
+    """The family's default (or quick) prior, untrained, in eval mode."""
+    torch.manual_seed(0)
+    if family == 'pixelcnn':
+        return PixelCNN(**(QUICK_CONFIGS[family] if quick else {})).eval()
+    return TransformerPrior(**(QUICK_CONFIGS[family] if quick else {}), max_height=max_grid,
+                            max_width=max_grid).eval()
 
 
 def int_list(text):
@@ -96,54 +107,56 @@ def main(args):
     torch.set_grad_enabled(False)  # sampling and timing only
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model = PixelCNN(**(QUICK_CONFIG if args.quick else {})).eval()
     grids = args.grids or ([4, 8] if args.quick else [8, 16, 32])
     batches = args.batches or ([1, 4] if args.quick else [1, 16, 64])
     min_total = 0 if args.quick else 1.0  # repeat calls shorter than this many seconds, keeping the fastest
-    config = model.config
     print(f'torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU: {cpu_model()} '
           f'({os.cpu_count()} logical cores, load average {os.getloadavg()[0]:.1f} at the start)')
-    print(f'prior: PixelCNN({"quick test config" if args.quick else "defaults"}): {config["num_embeddings"]} codes, '
-          f'{config["hidden_channels"]} hidden channels, {config["num_layers"]} layers, untrained, float32 on the CPU; '
-          f'naive budget {args.max_naive_seconds:g} s per measurement\n')
-    model.sample(1, (2, 2))  # the first call pays one-off set-up costs
+    priors = {family: build_prior(family, args.quick, max(grids)) for family in args.families}
+    for family, model in priors.items():
+        print(f'{family}: {"quick test config" if args.quick else "default preset"} {model.config}, '
+              f'{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, untrained, float32 on the CPU')
+        model.sample(1, (2, 2))  # the first call pays one-off set-up costs
+    print(f'naive budget {args.max_naive_seconds:g} s per measurement\n')
 
     # Measure
-    print('| grid | batch | naive (s) | cached (s) | speed-up | forward (s) | cached / forward |')
-    print('|---|---|---|---|---|---|---|')
+    print('| prior | grid | batch | naive (s) | cached (s) | speed-up | forward (s) | cached / forward |')
+    print('|---|---|---|---|---|---|---|---|')
     results = {}
-    for size in grids:
-        for batch_size in batches:
-            shape = (size, size)
-            naive, count = time_naive(model, batch_size, shape, args.max_naive_seconds, min_total)
-            generator = torch.Generator().manual_seed(0)
-            cached = fastest(lambda: model.sample(batch_size, shape, generator=generator), min_total)
-            codes = torch.randint(config['num_embeddings'], (batch_size, *shape))
-            forward = fastest(lambda: model(codes), min_total)
-            results[size, batch_size] = (naive / cached, cached / forward)
-            naive_text = seconds_text(naive)
-            if count is not None:
-                naive_text += f' (extrapolated from {count} position{"s" * (count > 1)})'
-            print(f'| {size}x{size} | {batch_size} | {naive_text} | {seconds_text(cached)} | {naive / cached:.1f}x | '
-                  f'{seconds_text(forward)} | {cached / forward:.2f}x |', flush=True)
+    for family, model in priors.items():
+        for size in grids:
+            for batch_size in batches:
+                shape = (size, size)
+                naive, count = time_naive(model, batch_size, shape, args.max_naive_seconds, min_total)
+                generator = torch.Generator().manual_seed(0)
+                cached = fastest(lambda: model.sample(batch_size, shape, generator=generator), min_total)
+                codes = torch.randint(model.num_embeddings, (batch_size, *shape))
+                forward = fastest(lambda: model(codes), min_total)
+                results[family, size, batch_size] = (naive / cached, cached / forward)
+                naive_text = seconds_text(naive)
+                if count is not None:
+                    naive_text += f' (extrapolated from {count} position{"s" * (count > 1)})'
+                print(f'| {family} | {size}x{size} | {batch_size} | {naive_text} | {seconds_text(cached)} | '
+                      f'{naive / cached:.1f}x | {seconds_text(forward)} | {cached / forward:.2f}x |', flush=True)
 
     # Targets (reported, not enforced: timings on a shared machine vary)
     print()
-    size, batch_size, target = SPEED_UP_TARGET
-    if (size, batch_size) in results:
-        speed_up = results[size, batch_size][0]
-        print(f'target: speed-up >= {target}x at {size}x{size} batch {batch_size}: {speed_up:.1f}x, '
-              f'{"met" if speed_up >= target else "NOT met"}')
-    size, batch_size, target = FORWARD_TARGET
-    if (size, batch_size) in results:
-        ratio = results[size, batch_size][1]
-        print(f'target: cached within {target}x of one forward pass at {size}x{size} batch {batch_size}: '
-              f'{ratio:.2f}x, {"met" if ratio <= target else "NOT met"}')
+    for family in priors:
+        (size, batch_size, target), (f_size, f_batch, f_target) = TARGETS[family]
+        if target is not None and (family, size, batch_size) in results:
+            speed_up = results[family, size, batch_size][0]
+            print(f'target ({family}): speed-up >= {target}x at {size}x{size} batch {batch_size}: {speed_up:.1f}x, '
+                  f'{"met" if speed_up >= target else "NOT met"}')
+        if (family, f_size, f_batch) in results:
+            ratio = results[family, f_size, f_batch][1]
+            print(f'target ({family}): cached within {f_target}x of one forward pass at {f_size}x{f_size} batch '
+                  f'{f_batch}: {ratio:.2f}x, {"met" if ratio <= f_target else "NOT met"}')
 
 
 if __name__ == '__main__':
-    parser = ArgumentParser(description='Time the naive and the cached PixelCNN samplers.')
+    parser = ArgumentParser(description='Time the naive and the cached samplers of both prior families.')
+    parser.add_argument('--families', type=lambda text: text.split(','), default=['pixelcnn', 'transformer'],
+                        help='prior families to time, comma-separated (default: pixelcnn,transformer)')
     parser.add_argument('--grids', type=int_list, default=None,
                         help='square code grid sizes, comma-separated (default: 8,16,32; 4,8 with --quick)')
     parser.add_argument('--batches', type=int_list, default=None,
