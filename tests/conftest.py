@@ -16,8 +16,6 @@ test needs early, start in the background before the first test when a collected
 """
 import os
 import sys
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,52 +26,26 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from background import (DDPJob, ForkJob, compile_runs, fashion_recipe, start_process_checks,  # noqa: E402
                         wandb_runs)
 from common.data import FASHION_MNIST_SYSTEM_DIR  # noqa: E402
-from helpers import (TINY_PRIOR, TINY_STAGE1, VQ_FLAG, assert_succeeded, load_state,  # noqa: E402
-                     run_in_process)
+from helpers import PRIOR_RUNS, SAMPLE_RUNS, TINY_PRIOR, TINY_STAGE1, VQ_FLAG, run_ok, sampling_args  # noqa: E402
 
 # tqdm's monitor thread would be the only other thread of this process, which the fork-based tests would copy in the
 # middle of whatever it holds.
 tqdm.tqdm.monitor_interval = 0
-torch.set_num_threads(1)  # before any test module runs torch, so that forks never copy an OpenMP pool (see one_thread)
+torch.set_num_threads(1)  # see one_thread
 
 
 @pytest.fixture(scope='session', autouse=True)
 def one_thread():
-    """The models here are tiny: one thread is fastest, spared the OpenMP wake-ups that stall a busy 2-core box, and
-    it makes in-process runs computed the same way as the single-threaded script processes."""
-    threads = torch.get_num_threads()
+    """The whole session runs torch with one thread: the models are tiny, so one thread is fastest and spared the
+    OpenMP wake-ups that stall a busy 2-core box; in-process runs compute as the single-threaded script processes do;
+    and forks of this process copy no OpenMP thread pool. (Set at import too, before any test module runs torch.)"""
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope='module')
 def single_thread():
     """Kept for test files that ask for it: the whole session already runs with one thread."""
     yield
-
-
-@dataclass
-class ScriptRun:
-    """A finished script run: its --out_dir and its CompletedProcess (returncode, stdout, stderr)."""
-
-    out_dir: Path
-    result: object
-
-    def path(self, name='best.pth'):
-        """A file of the run's output folder."""
-        return self.out_dir / name
-
-    def state(self, name='best.pth'):
-        """A checkpoint of the run, as stored."""
-        return load_state(self.out_dir / name)
-
-
-def run_ok(args, out_dir):
-    """Run a script in this process with --out_dir; it must succeed. Returns a ScriptRun."""
-    result = run_in_process([*args, '--out_dir', out_dir])
-    assert_succeeded(result)
-    return ScriptRun(Path(out_dir), result)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -86,12 +58,6 @@ def stage1(tmp_path_factory):
     return {arch: run_ok(['main.py', '--arch', arch, *TINY_STAGE1], folder / arch) for arch in ('vq_vae', 'vq_vae2')}
 
 
-PRIOR_RUNS = {  # name -> (script, stage-1 run, extra flags)
-    'flat': ('train_pixelcnn_vqvae.py', 'vq_vae', []),
-    'hierarchical': ('train_pixelcnn_vqvae2.py', 'vq_vae2', ['--class_conditional']),
-}
-
-
 @pytest.fixture(scope='session')
 def priors(stage1, tmp_path_factory):
     """The prior scripts with TINY_PRIOR on the stage-1 best.pth files: a flat unconditional prior and a
@@ -99,21 +65,6 @@ def priors(stage1, tmp_path_factory):
     folder = tmp_path_factory.mktemp('stage2')
     return {name: run_ok([script, VQ_FLAG[script], stage1[vq].path(), *TINY_PRIOR, *flags], folder / name)
             for name, (script, vq, flags) in PRIOR_RUNS.items()}
-
-
-SAMPLE_RUNS = {  # name -> (script, prior run, stage-1 run, extra flags)
-    'flat': ('generate_samples_pixelcnn_vqvae.py', 'flat', 'vq_vae',
-             ['--num_samples', '5', '--batch_size', '2', '--seed', '1', '--save_individual']),
-    'hierarchical': ('generate_samples_pixelcnn_vqvae2.py', 'hierarchical', 'vq_vae2',
-                     ['--num_samples', '4', '--batch_size', '3']),
-}
-
-
-def sampling_args(name, stage1, priors, *flags):
-    """The stage-3 command line of SAMPLE_RUNS[name], with `flags` appended (later flags win)."""
-    script, prior, vq, extra = SAMPLE_RUNS[name]
-    return [script, VQ_FLAG[script], stage1[vq].path(), '--prior_checkpoint', priors[prior].path(), *extra,
-            '--device', 'cpu', *flags]
 
 
 @pytest.fixture(scope='session')

@@ -9,6 +9,8 @@ where exit status, stderr or signals of a process are what is tested.
 import contextlib
 import io
 import os
+from dataclasses import dataclass
+from pathlib import Path
 import runpy
 import subprocess
 import sys
@@ -19,7 +21,8 @@ from unittest import mock
 
 import torch
 
-from models import PixelCNN, save_checkpoint
+from common.data import ShapesDataset
+from models import save_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 600  # generous: the test machines are small and shared
@@ -73,12 +76,6 @@ def run_script(args, cwd=REPO, env=None, timeout=TIMEOUT_S):
     return finish(start_script(args, cwd, env), timeout)
 
 
-def run_scripts(commands):
-    """Run {name: args} as processes all at once (each mostly imports torch, so they overlap well)."""
-    started = {name: start_script(args) for name, args in commands.items()}
-    return {name: finish(process) for name, process in started.items()}
-
-
 # -----------------------------------------------------------------------------
 # In this process
 
@@ -86,13 +83,28 @@ def _refuse_download(*args, **kwargs):
     raise urllib.error.URLError('no network in the tests')
 
 
+_SHAPES = {}  # (seed, image size, index) -> (image, label)
+_draw_shape = ShapesDataset.__getitem__
+
+
+def _remembered_shape(dataset, index):
+    """ShapesDataset.__getitem__, remembered: an item depends only on (seed, size, index) (tests/test_data.py), and
+    drawing one costs a millisecond that the in-process runs would otherwise spend thousands of times."""
+    key = (dataset.seed, dataset.image_size, index)
+    if key not in _SHAPES or not 0 <= index < len(dataset):
+        _SHAPES[key] = _draw_shape(dataset, index)
+    image, label = _SHAPES[key]
+    return image.clone(), label
+
+
 def run_in_process(args, cwd=REPO, env=None):
     """Run `python <args>` inside this process and return a CompletedProcess, as `run_script` would.
 
     The script runs as __main__ (runpy) with sys.argv set, stdout and stderr captured, W&B offline and downloads
-    refused. SystemExit becomes the return code (2 for the one-line errors of run_main); an uncaught exception is
-    printed to the captured stderr as a traceback with return code 1, as Python would. The working directory, grad
-    mode, thread count and environment are restored afterwards.
+    refused; images of the built-in shapes data set are drawn once per session, then remembered. SystemExit becomes
+    the return code (2 for the one-line errors of run_main); an uncaught exception is printed to the captured stderr
+    as a traceback with return code 1, as Python would. The working directory, grad mode, thread count and
+    environment are restored afterwards.
     """
     args = [str(arg) for arg in args]
     stdout, stderr = io.StringIO(), io.StringIO()
@@ -105,7 +117,8 @@ def run_in_process(args, cwd=REPO, env=None):
         os.chdir(cwd)
         sys.argv = list(args)
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), \
-                mock.patch.object(urllib.request, 'urlopen', _refuse_download), torch.set_grad_enabled(True):
+                mock.patch.object(urllib.request, 'urlopen', _refuse_download), torch.set_grad_enabled(True), \
+                mock.patch.object(ShapesDataset, '__getitem__', _remembered_shape):
             try:
                 runpy.run_path(os.path.join(cwd, args[0]), run_name='__main__')
             except SystemExit as e:
@@ -151,6 +164,49 @@ def assert_one_line_error(result, out_dir):
     return lines[0]
 
 
+@dataclass
+class ScriptRun:
+    """A finished script run: its --out_dir and its CompletedProcess (returncode, stdout, stderr)."""
+
+    out_dir: Path
+    result: object
+
+    def path(self, name='best.pth'):
+        """A file of the run's output folder."""
+        return self.out_dir / name
+
+    def state(self, name='best.pth'):
+        """A checkpoint of the run, as stored."""
+        return load_state(self.out_dir / name)
+
+
+def run_ok(args, out_dir):
+    """Run a script in this process with --out_dir; it must succeed. Returns a ScriptRun."""
+    result = run_in_process([*args, '--out_dir', out_dir])
+    assert_succeeded(result)
+    return ScriptRun(Path(out_dir), result)
+
+
+# The session's chained run (conftest.py): the prior and sampling runs on the stage-1 checkpoints.
+PRIOR_RUNS = {  # name -> (script, stage-1 run, extra flags)
+    'flat': ('train_pixelcnn_vqvae.py', 'vq_vae', []),
+    'hierarchical': ('train_pixelcnn_vqvae2.py', 'vq_vae2', ['--class_conditional']),
+}
+SAMPLE_RUNS = {  # name -> (script, prior run, stage-1 run, extra flags)
+    'flat': ('generate_samples_pixelcnn_vqvae.py', 'flat', 'vq_vae',
+             ['--num_samples', '5', '--batch_size', '2', '--seed', '1', '--save_individual']),
+    'hierarchical': ('generate_samples_pixelcnn_vqvae2.py', 'hierarchical', 'vq_vae2',
+                     ['--num_samples', '4', '--batch_size', '3']),
+}
+
+
+def sampling_args(name, stage1, priors, *flags):
+    """The stage-3 command line of SAMPLE_RUNS[name] on the session's checkpoints, `flags` appended (later win)."""
+    script, prior, vq, extra = SAMPLE_RUNS[name]
+    return [script, VQ_FLAG[script], stage1[vq].path(), '--prior_checkpoint', priors[prior].path(), *extra,
+            '--device', 'cpu', *flags]
+
+
 # -----------------------------------------------------------------------------
 # Files
 
@@ -166,13 +222,6 @@ def derive_checkpoint(src, dst, edit):
     edit(state)
     save_checkpoint(state, dst)
     return dst
-
-
-def save_tiny_prior(path, num_embeddings=32):
-    """A checkpoint of a small untrained flat PixelCNN prior: a valid checkpoint of the wrong kind for stage 1."""
-    torch.manual_seed(0)
-    prior = PixelCNN(num_embeddings=num_embeddings, embedding_dim=8, hidden_channels=16, num_layers=2)
-    save_checkpoint({'kind': prior.kind, 'config': prior.config, 'model': prior.state_dict()}, path)
 
 
 def write_random_bytes(path, size=4096):

@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from background import DDP_PRIOR, DDP_SAMPLES, DDP_STAGE1
+from background import DDP_SAMPLES, DDP_STAGE1
 from common.errors import UserError
 from common.trainer import Task, train
 from helpers import assert_succeeded, load_state, run_in_process
@@ -24,7 +24,8 @@ def ddp(ddp_job):
     """The finished torchrun run; fails every test of this file with the run's log if it did not exit 0."""
     result = ddp_job.result()
     if result.returncode != 0:
-        pytest.fail(f'torchrun exited with status {result.returncode}:\n{result.stderr[-3000:]}\n{result.stdout[-3000:]}')
+        pytest.fail(f'torchrun exited with status {result.returncode}:\n{result.stderr[-3000:]}\n'
+                    f'{result.stdout[-3000:]}')
     return ddp_job
 
 
@@ -44,7 +45,8 @@ def one_process(tmp_path_factory, ddp):
 def test_replicas_hold_identical_weights_and_codebooks(ddp):
     # ddp_driver.check_replicas asserts it on both ranks (a failure is a non-zero exit); here: that it did run.
     for rank in (0, 1):
-        assert f'rank {rank}: ' in ddp.rank_output(rank) and 'tensors identical on all 2 replicas' in ddp.rank_output(rank)
+        output = ddp.rank_output(rank)
+        assert f'rank {rank}: ' in output and 'tensors identical on all 2 replicas' in output
 
 
 def test_ddp_vqvae2_run_writes_one_checkpoint_from_rank_0(ddp):

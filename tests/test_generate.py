@@ -12,9 +12,8 @@ from PIL import Image
 
 from common.data import to_uint8
 from common.sampling import sample_seed
-from conftest import ScriptRun, run_ok, sampling_args
-from helpers import (assert_one_line_error, assert_succeeded, derive_checkpoint, load_state, run_in_process,
-                     write_random_bytes)
+from helpers import (ScriptRun, assert_one_line_error, assert_succeeded, derive_checkpoint, load_state, run_in_process,
+                     run_ok, sampling_args, write_random_bytes)
 from models import load_model
 
 VQVAE_SCRIPT = 'generate_samples_pixelcnn_vqvae.py'
@@ -255,6 +254,6 @@ def test_the_quick_benchmark_prints_a_table():
     result = run_in_process([os.path.join('bench', 'bench_sampling.py'), '--quick'])
     assert_succeeded(result)
     rows = [line for line in result.stdout.splitlines() if line.startswith('| ')]
-    assert rows[0].startswith('| grid | batch | naive (s) | cached (s) | speed-up |')
-    assert len(rows) == 1 + 2 * 2  # the header, then 2 grids x 2 batch sizes
+    assert '| grid | batch | naive (s) | cached (s) | speed-up |' in rows[0]
+    assert len([row for row in rows[1:] if 'pixelcnn' in row]) == 2 * 2  # 2 grids x 2 batch sizes
     assert torch.is_grad_enabled()  # the benchmark turned gradients off in its own run only

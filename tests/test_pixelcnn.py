@@ -545,7 +545,8 @@ def test_sample_with_vq_decodes_the_codes_sample_levels_draws(cached):
 
 def test_a_prior_refuses_a_vq_model_with_other_levels_or_codebook_size():
     torch.manual_seed(0)
-    vqvae, vqvae2 = VQVAE(image_size=16, num_embeddings=K, **VQ_TINY), VQVAE2(image_size=16, num_embeddings=K, **VQ_TINY)
+    vqvae = VQVAE(image_size=16, num_embeddings=K, **VQ_TINY)
+    vqvae2 = VQVAE2(image_size=16, num_embeddings=K, **VQ_TINY)
     with pytest.raises(ValueError, match=r"levels \('flat',\) but the vq_vae2 has \('top', 'bottom'\)"):
         tiny_prior(num_layers=1).sample_with_vq(vqvae2, 1)
     with pytest.raises(ValueError, match='levels'):

@@ -15,9 +15,8 @@ import torch
 
 from common.codes import cache_key, cache_path
 from common.data import build_dataset
-from conftest import ScriptRun, run_ok
-from helpers import (TINY_PRIOR, assert_one_line_error, derive_checkpoint, load_state, run_in_process,
-                     write_random_bytes)
+from helpers import (TINY_PRIOR, ScriptRun, assert_one_line_error, derive_checkpoint, load_state, run_in_process,
+                     run_ok, write_random_bytes)
 from models import HierarchicalPixelCNN, PixelCNN, build_model, file_sha256, load_model
 
 VQVAE_SCRIPT = 'train_pixelcnn_vqvae.py'
@@ -241,7 +240,7 @@ BAD_INPUTS = {
     'class_conditional_without_labels': ([VQVAE_SCRIPT, '--vqvae_checkpoint', '{vq_unlabelled}',
                                           '--class_conditional'], '--class_conditional needs class labels'),
     'resume_a_vq_checkpoint': ([VQVAE_SCRIPT, '--vqvae_checkpoint', '{vq}', '--resume', '{vq}'],
-                               'holds a vq_vae model, but a pixelcnn checkpoint is needed'),
+                               'holds a vq_vae model, but a pixelcnn'),
     'unknown_level': ([VQVAE2_SCRIPT, '--vqvae2_checkpoint', '{vq2}', '--level', 'middle'], '--level'),
     'unknown_prior_family': ([VQVAE_SCRIPT, '--vqvae_checkpoint', '{vq}', '--prior', 'rnn'], '--prior'),
 }

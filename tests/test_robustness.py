@@ -136,7 +136,8 @@ def test_a_run_killed_inside_epoch_2_and_resumed_ends_bitwise_equal_to_a_straigh
     assert len((out_dir / 'metrics.jsonl').read_text().splitlines()) == 2
 
 
-def test_a_run_stopped_by_max_steps_inside_an_epoch_and_resumed_ends_bitwise_equal_to_a_straight_run(straight, tmp_path):
+def test_a_run_stopped_by_max_steps_inside_an_epoch_and_resumed_ends_bitwise_equal_to_a_straight_run(straight,
+                                                                                                   tmp_path):
     # The first run stops at step 6, two batches into the second epoch, where the resume takes over.
     assert 'epoch 1.5:' in run_ok(TINY_RUN + ['--max_steps', '6', '--out_dir', tmp_path])
     # The flags that fix the data order and the optimisation come from the checkpoint, whatever is given now.

@@ -15,8 +15,7 @@ import torch
 from background import SHORT_STAGE1
 from common.data import build_dataset
 from common.trainer import Trainer
-from conftest import run_ok
-from helpers import TINY_STAGE1, assert_one_line_error, load_state, run_in_process, write_random_bytes
+from helpers import TINY_STAGE1, assert_one_line_error, load_state, run_in_process, run_ok, write_random_bytes
 from models import VQVAE, VQVAE2, build_model, load_model
 
 CHECKPOINT_KEYS = {'format_version', 'kind', 'config', 'model', 'optimizer', 'scheduler', 'scaler', 'epoch', 'step',
