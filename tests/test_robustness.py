@@ -141,7 +141,8 @@ def test_a_run_stopped_by_max_steps_inside_an_epoch_and_resumed_ends_bitwise_equ
     # The first run stops at step 6, two batches into the second epoch, where the resume takes over.
     assert 'epoch 1.5:' in run_ok(TINY_RUN + ['--max_steps', '6', '--out_dir', tmp_path])
     # The flags that fix the data order and the optimisation come from the checkpoint, whatever is given now.
-    stdout = run_ok(TINY_RUN + ['--resume', tmp_path / 'last.pth', '--batch_size', '8', '--seed', '3'])
+    stdout = run_ok(TINY_RUN + ['--resume', tmp_path / 'last.pth', '--batch_size', '8', '--seed', '3',
+                              '--out_dir', tmp_path])
     (line,) = [line for line in stdout.splitlines() if line.startswith("resuming with the checkpoint's")]
     assert '--batch_size 16' in line and '--seed 0' in line
     assert_same_training_state(tmp_path / 'last.pth', straight)
@@ -154,7 +155,8 @@ def test_an_fp16_run_resumed_mid_way_continues_its_grad_scaler_and_ends_bitwise_
     run_ok(fp16 + ['--max_steps', '6', '--out_dir', tmp_path / 'resumed'])
     scaler = load_state(tmp_path / 'resumed' / 'last.pth')['scaler']
     assert scaler and scaler != torch.amp.GradScaler('cpu').state_dict()  # six steps of growth tracking (or backoff)
-    run_ok(TINY_RUN + ['--resume', tmp_path / 'resumed' / 'last.pth'])  # --amp comes from the checkpoint
+    # --amp comes from the checkpoint.
+    run_ok(TINY_RUN + ['--resume', tmp_path / 'resumed' / 'last.pth', '--out_dir', tmp_path / 'resumed'])
     assert load_state(tmp_path / 'resumed' / 'last.pth')['args']['amp'] == 'fp16'
     assert_same_training_state(tmp_path / 'resumed' / 'last.pth', tmp_path / 'straight' / 'last.pth')
 
