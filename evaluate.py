@@ -1,38 +1,55 @@
-"""Sample quality against a dataset's real test split: FID, KID, precision/recall, and for class-conditional samples
-the classification accuracy score (CAS), each beside a real-data reference.
+"""Evaluate a VQ model and its prior, or score samples, against a dataset's real test split.
 
 Examples:
+    python evaluate.py --vq_checkpoint runs/vq_vae2/best.pth --prior_checkpoint runs/prior_vqvae2/best.pth
     python evaluate.py --samples samples/pixelcnn_vqvae/codes.pt --vq_checkpoint runs/vq_vae/best.pth
     python evaluate.py --samples my_samples/ --dataset fashion_mnist --num_real 5000
 
---samples is a folder of PNG/JPEG files (directly inside it, or in one subfolder per class named by the class index
-or name: class-conditional samples), or a stage-3 codes.pt, decoded by its VQ checkpoint (whose dataset settings
-become the defaults). Features come from a small CNN that this script trains on the dataset's training split on the
-first run and caches under <data_dir>/eval_classifier/ (--features classifier, the offline default), or from the
-standard FID Inception-v3 of pytorch-fid (--features inception; its weights file must be on disk). --seed seeds the
-real data (the shapes images, as in main.py) and every random subset. Writes <out_dir>/eval.json (or --json) and
-prints a table.
+Models (--vq_checkpoint, a VQ-VAE or VQ-VAE-2, optionally with --prior_checkpoint): every setting comes from the
+checkpoints, and the test split of the VQ model's data is evaluated: reconstruction MSE and PSNR, code usage and
+perplexity per level; with a prior, its held-out bits per code per level; and bits per dimension. The encoder is
+deterministic, so -log2 p(x) <= -log2 p(z) - log2 p(x|z): bits_per_dim is the sum of latent_bits_per_dim (the
+prior's) and decoder_bits_per_dim (a discretised Gaussian over the 256 pixel values centred on the reconstruction,
+one scale per channel fitted on --num_fit training images). Without a prior only the decoder part is reported. With
+a prior and no --samples, --num_samples samples are drawn (class-balanced for a class-conditional prior) and scored.
+
+Samples (--samples): a folder of PNG/JPEG files (directly inside it, or in one subfolder per class named by the class
+index or name: class-conditional samples), or a stage-3 codes.pt, decoded by --vq_checkpoint (which is then also
+evaluated as a model). Scores: FID, KID, precision/recall, the fraction of samples the dataset classifier assigns to
+a class with probability >= --confidence, and for class-conditional samples the classification accuracy score (CAS),
+each beside a real-data reference.
+
+Features come from a small CNN that this script trains on the dataset's training split on the first run and caches
+under <data_dir>/eval_classifier/ (--features classifier, the offline default), or from the standard FID
+Inception-v3 of pytorch-fid (--features inception; its weights file must be on disk). The real data is seeded by the
+VQ checkpoint's data seed, else --seed; --seed also seeds every random subset and the samples. Writes
+<out_dir>/eval.json (or --json) and prints a table.
 """
 
+import argparse
 import json
+import math
 import os
 
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
-from common.cli import ArgumentParser, OutputDir, add_common_flags, positive_int, resolve_device, run_main
+from common.cli import (ArgumentParser, OutputDir, add_common_flags, positive_float, positive_int, resolve_device,
+                        run_main)
 from common.data import DATASETS, DEFAULT_IMAGE_SIZE, build_dataset, to_uint8
 from common.errors import UserError
 from common.features import (ClassifierSettings, accuracy, dataset_classifier, load_fid_inception, load_images,
-                             random_subset, train_classifier)
-from common.metrics import fid_from_features, kid, precision_recall
+                             random_subset, to_float, train_classifier)
+from common.metrics import (FIT_VALUES, bits_per_dim, discretized_gaussian_bits_per_dim, fid_from_features,
+                            fit_log_scales, kid, precision_recall)
+from common.sampling import class_labels, generate, load_pair, probability
 from common.tracking import Tracker, add_wandb_flags, wandb_settings
-from models import load_checkpoint, model_from_checkpoint
+from models import VQ_KINDS, code_statistics, load_checkpoint, model_from_checkpoint
 
 PR_K = 3  # neighbours for the precision/recall manifolds, as in Kynkaanniemi et al. 2019
 MIN_IMAGES = PR_K + 1  # a k-NN radius needs k other points; FID's covariance and KID need 2
-CONFIDENCE = 0.9  # confident_fraction counts samples whose top class probability reaches this
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 CODE_ENTRIES = {'vq_vae': ('codes',), 'vq_vae2': ('codes_top', 'codes_bottom')}
 
@@ -135,7 +152,7 @@ def load_vq_for_codes(codes, path, vq_checkpoint, device):
                             f'[N, {shape[0]}, {shape[1]}]; give the VQ checkpoint the samples were drawn with')
         if grid.numel() and not 0 <= int(grid.min()) <= int(grid.max()) < vq.num_embeddings:
             raise UserError(f'{path}: {name} has codes outside [0, {vq.num_embeddings}) of {vq_checkpoint}')
-    return vq, state.get('data', {})
+    return vq, {**(state.get('data') or {}), 'image_size': vq.image_size}  # main.py keeps the size in 'config'
 
 
 @torch.no_grad()
@@ -169,11 +186,130 @@ def check_samples(images, labels, info, source):
 
 
 # -----------------------------------------------------------------------------
+# Models: reconstruction, bits per dimension and samples of a VQ model and its prior
+
+def load_models(args):
+    """(VQ model, prior or None, the VQ checkpoint's data settings) from --vq_checkpoint and --prior_checkpoint, in
+    eval mode; a prior that does not fit the VQ model is a UserError."""
+    state = load_checkpoint(args.vq_checkpoint, kinds=VQ_KINDS)
+    data = state.get('data')
+    if not isinstance(data, dict) or data.get('name') not in DATASETS or not isinstance(data.get('seed'), int):
+        raise UserError(f'{args.vq_checkpoint} has no usable data settings; give a checkpoint written by main.py '
+                        f'(best.pth or last.pth), not a bare model export')
+    if args.prior_checkpoint is None:
+        vq, prior = model_from_checkpoint(state, args.device, args.vq_checkpoint), None
+    else:
+        vq, prior = load_pair(args.vq_checkpoint, args.prior_checkpoint, state['kind'], args.device)
+    return vq, prior, {**data, 'image_size': vq.image_size}
+
+
+def check_model_data(args, data):
+    """A model is evaluated on the data it was trained on: --dataset and --image_size may only repeat it."""
+    for flag, value, stored in (('dataset', args.dataset, data['name']), ('image_size', args.image_size,
+                                                                          data['image_size'])):
+        if value is not None and value != stored:
+            raise UserError(f'--{flag} {value} differs from {args.vq_checkpoint}, trained on {stored}; a model is '
+                            f'evaluated on its own data: drop --{flag}')
+
+
+@torch.no_grad()
+def model_batches(vq, images, batch_size, device, desc):
+    """Run the VQ model over uint8 images [N, C, S, S] batch by batch. Yields (index of the batch's first image,
+    x [B, C, S, S] in [-1, 1] on the CPU, codes {level: [B, h, w]} on device, reconstruction [B, C, S, S] on the
+    CPU)."""
+    for start in tqdm(range(0, len(images), batch_size), desc=desc, unit='batch', dynamic_ncols=True, leave=False):
+        x = to_float(images[start:start + batch_size])
+        codes = vq.level_codes(x.to(device))
+        yield start, x, codes, vq.decode_level_codes(codes).float().cpu()
+
+
+def fit_decoder_scales(vq, data, args):
+    """(log scale per channel [C] of the discretised Gaussian decoder, images used): fitted on --num_fit random
+    images of the training split the VQ model was trained on, a few random pixels of each (see fit_log_scales)."""
+    train_set, _ = build_dataset(args.dataset, 'train', args.image_size, args.data_dir, args.data_seed,
+                                 args.download, num_samples=(data.get('num_samples') or {}).get('train'))
+    images, _ = load_images(train_set, random_subset(len(train_set), args.num_fit, args.seed),
+                            desc='train images for the decoder scales')
+    per_image = math.ceil(FIT_VALUES / len(images))
+    generator = torch.Generator().manual_seed(args.seed)
+    pixels, means = [], []
+    for _, x, _, recon in model_batches(vq, images, args.batch_size, args.device, 'decoder scales'):
+        chosen = torch.randint(0, x[0, 0].numel(), (len(x), 1, per_image), generator=generator)
+        chosen = chosen.expand(-1, x.shape[1], -1)  # the same pixels in every channel: [B, C, per_image]
+        pixels.append(x.flatten(2).gather(2, chosen))
+        means.append(recon.flatten(2).gather(2, chosen))
+    return fit_log_scales(torch.cat(pixels), torch.cat(means), seed=args.seed), len(images)
+
+
+@torch.no_grad()
+def evaluate_model(vq, prior, test, log_scales, args):
+    """Reconstruction, code statistics, the prior's bits per code and bits per dimension on the test split `test`
+    (uint8 images [N, C, S, S], labels [N]). Without a prior, the prior's numbers and the total are None."""
+    images, labels = test
+    squared_error, decoder_bits = 0.0, 0.0
+    counts = {level: torch.zeros(vq.num_embeddings, dtype=torch.long) for level in vq.levels}
+    nats = {level: 0.0 for level in vq.levels}  # -ln p(codes of the level), summed over the test split
+    for start, x, codes, recon in model_batches(vq, images, args.batch_size, args.device, 'test split'):
+        squared_error += float((recon.double() - x.double()).pow(2).sum())
+        decoder_bits += float(discretized_gaussian_bits_per_dim(x, recon, log_scales).sum())
+        for level, grid in codes.items():
+            counts[level] += torch.bincount(grid.flatten().cpu(), minlength=vq.num_embeddings)
+        if prior is not None:
+            batch_labels = None if prior.num_classes is None else labels[start:start + len(x)].to(args.device)
+            for level, value in prior.level_losses(codes, batch_labels, reduction='sum').items():
+                nats[level] += float(value)
+
+    num_images, num_dims = len(images), images[0].numel()
+    mse = squared_error / images.numel()
+    # Images live in [-1, 1], a range of 2, so the peak signal power is 4 (as in main.py's validation).
+    reconstruction = {'mse': mse, 'psnr': 10 * math.log10(4 / max(mse, 1e-12))}
+    for level in vq.levels:
+        perplexity, usage = code_statistics(counts[level])
+        reconstruction[f'perplexity/{level}'], reconstruction[f'code_usage/{level}'] = float(perplexity), float(usage)
+    result = {'reconstruction': reconstruction, 'decoder_log_scales': log_scales.tolist()}
+    if prior is None:
+        return {**result, 'prior': None, 'bits_per_dim': None, 'latent_bits_per_dim': None,
+                'decoder_bits_per_dim': decoder_bits / num_images}
+    codes_per_image = {level: h * w for level, (h, w) in vq.level_shapes().items()}
+    bits_per_code = {f'bits_per_code/{level}': nats[level] / math.log(2) / (num_images * codes_per_image[level])
+                     for level in vq.levels}
+    bits_per_code['bits_per_code'] = sum(nats.values()) / math.log(2) / (num_images * sum(codes_per_image.values()))
+    return {**result, 'prior': bits_per_code,
+            **bits_per_dim(sum(nats.values()) / num_images, decoder_bits / num_images, num_dims)}
+
+
+def draw_samples(vq, prior, args):
+    """--num_samples samples of the prior, decoded and rounded to 8 bits: (uint8 images [N, C, S, S], class labels [N]
+    or None). A class-conditional prior draws every class in turn, so the classes are balanced; each sample has its
+    own generator seeded by --seed and its index, as in stage 3."""
+    labels = class_labels(prior, None, args.num_samples)
+    settings = argparse.Namespace(num_samples=args.num_samples, batch_size=args.sample_batch_size,
+                                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                                  naive=False)
+    images, _ = generate(vq, prior, settings, labels, args.device, range(args.num_samples))
+    return to_uint8(images), labels
+
+
+def save_sample_folder(folder, images, labels):
+    """Write uint8 samples as PNGs that --samples reads back: <folder>/<class index>/<index>.png for class-conditional
+    samples, else <folder>/<index>.png."""
+    try:
+        for index, image in enumerate(images.numpy()):
+            where = folder if labels is None else os.path.join(folder, str(int(labels[index])))
+            os.makedirs(where, exist_ok=True)
+            Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)).save(
+                os.path.join(where, f'{index:05d}.png'))
+    except OSError as e:
+        raise UserError(f'cannot write samples to {folder}: {e.strerror or e}; choose another --save_samples') from e
+
+
+# -----------------------------------------------------------------------------
 # Scores
 
 def load_test_split(args):
-    """The whole real test split as (uint8 images [N, C, S, S], labels [N])."""
-    test_set, _ = build_dataset(args.dataset, 'test', args.image_size, args.data_dir, args.seed, args.download)
+    """The real test split (the VQ checkpoint's count of it, else all of it) as (uint8 images [N, C, S, S], labels)."""
+    test_set, _ = build_dataset(args.dataset, 'test', args.image_size, args.data_dir, args.data_seed, args.download,
+                                num_samples=args.num_test)
     return load_images(test_set, desc='real test images')
 
 
@@ -181,7 +317,8 @@ def real_reference(args, network, num_samples, test):
     """The real images the samples are compared with, and their features: a random --num_real subset of the test
     split `test` (uint8 images, labels), and an equal-count train subset (capped at the test count) whose FID to it
     is the floor."""
-    train_set, _ = build_dataset(args.dataset, 'train', args.image_size, args.data_dir, args.seed, args.download)
+    train_set, _ = build_dataset(args.dataset, 'train', args.image_size, args.data_dir, args.data_seed,
+                                 args.download)
     num_test = len(test[0]) if args.num_real is None else min(args.num_real, len(test[0]))
     chosen = random_subset(len(test[0]), num_test, args.seed)
     test_images, test_labels = test[0][chosen], test[1][chosen]
@@ -196,12 +333,18 @@ def real_reference(args, network, num_samples, test):
             'num_floor': num_floor}
 
 
+def load_classifier(args, test):
+    """The dataset classifier (trained on the training split, or read from the cache) and its test accuracy."""
+    return dataset_classifier(args.dataset, args.image_size, args.data_dir, args.data_seed, args.classifier_dir,
+                              classifier_settings(args), args.classifier_num_train, test, args.device, args.download)
+
+
 def classification_accuracy_score(images, labels, reference, args):
     """CAS: test accuracy of the classifier trained on the samples, and of one trained on as many real images."""
     settings = classifier_settings(args)
     on_samples = train_classifier(images, labels, args.num_classes, settings, args.seed, args.device,
                                   desc='CAS: training on the samples')
-    on_real, _ = dataset_classifier(args.dataset, args.image_size, args.data_dir, args.seed, args.classifier_dir,
+    on_real, _ = dataset_classifier(args.dataset, args.image_size, args.data_dir, args.data_seed, args.classifier_dir,
                                     settings, num_train=len(images), test=reference['whole_test'], device=args.device,
                                     download=args.download)
     test = (reference['test_images'], reference['test_labels'])
@@ -209,16 +352,24 @@ def classification_accuracy_score(images, labels, reference, args):
             'cas_real_baseline': accuracy(on_real, *test, args.batch_size, args.device)}
 
 
-def score_samples(images, labels, reference, network, args):
-    """Scores of uint8 sample images [N, C, S, S] (class labels [N] or None) against the real test reference."""
+def score_samples(images, labels, reference, network, args, classifier=None):
+    """Scores of uint8 sample images [N, C, S, S] (class labels [N] or None) against the real test reference.
+
+    confident_fraction, the share of samples assigned to some class with probability >= --confidence, comes from the
+    dataset classifier whatever the feature space: `network` itself in classifier space, else `classifier` (None for
+    a single-class dataset: no confident_fraction).
+    """
     outputs = network.extract(images, args.batch_size, args.device, desc='sample features')
     features, test_features = outputs['features'], reference['test_features']
     kid_mean, kid_std = kid(features, test_features, seed=args.seed)
     precision, recall = precision_recall(test_features, features, k=PR_K)
     scores = {'fid': fid_from_features(features, test_features), 'kid_mean': kid_mean, 'kid_std': kid_std,
               'precision': precision, 'recall': recall, 'fid_train_vs_test': reference['fid_train_vs_test']}
-    if 'probs' in outputs:
-        scores['confident_fraction'] = float((outputs['probs'].max(1).values >= CONFIDENCE).float().mean())
+    probs = outputs.get('probs')
+    if probs is None and classifier is not None:
+        probs = classifier.predict_proba(images, args.batch_size, args.device)
+    if probs is not None:
+        scores['confident_fraction'] = float((probs.max(1).values >= args.confidence).float().mean())
     if labels is not None:
         scores.update(classification_accuracy_score(images, labels, reference, args))
     return scores
@@ -229,15 +380,39 @@ def classifier_settings(args):
     return ClassifierSettings(epochs=args.classifier_epochs, min_steps=args.classifier_min_steps)
 
 
-def print_table(scores, result):
-    """A short table: each score beside its real-data reference."""
+# -----------------------------------------------------------------------------
+# Tables
+
+def print_model_table(result):
+    """The model's numbers: reconstruction, code statistics, the prior's bits per code and bits per dimension."""
+    image_size, channels = result['image_size'], len(result['decoder_log_scales'])
+    print(f'{result["vq_checkpoint"]} on {result["num_test"]} {result["dataset"]} test images '
+          f'({channels}x{image_size}x{image_size} = {channels * image_size ** 2} dimensions)')
+    print(f'{"metric":<26}{"value":>10}  note')
+    notes = {'psnr': 'dB', 'decoder_bits_per_dim': f'discretised Gaussian, scales fitted on {result["num_fit"]} '
+                                                   f'train images',
+             'bits_per_dim': 'an upper bound on -log2 p(x); uniform pixels: 8'}
+    prior = result['prior']
+    if prior is None:
+        notes['latent_bits_per_dim'] = notes['bits_per_dim'] = 'needs a prior: give --prior_checkpoint'
+    else:
+        notes['latent_bits_per_dim'] = 'the prior, -log2 p(codes) per dimension'
+        notes['bits_per_code'] = 'the prior on the test codes, all levels'
+    rows = {**result['reconstruction'], **(prior or {})}
+    rows.update({name: result[name] for name in ('latent_bits_per_dim', 'decoder_bits_per_dim', 'bits_per_dim')})
+    for name, value in rows.items():
+        shown = 'n/a' if value is None else f'{value:.4g}'
+        print(f'{name:<26}{shown:>10}  {notes.get(name, "")}')
+
+
+def print_table(scores, result, source):
+    """A short table of the samples' scores, each beside its real-data reference."""
     notes = {'fid': f'train vs test: {scores["fid_train_vs_test"]:.4g}',
              'kid_mean': f'+- {scores["kid_std"]:.2g}',
-             'cas': f'real-data baseline: {scores.get("cas_real_baseline", float("nan")):.4g}'}
-    if 'classifier_test_accuracy' in scores:
-        notes['confident_fraction'] = f'top class probability >= {CONFIDENCE}'
-        notes['classifier_test_accuracy'] = 'the feature network on the real test split'
-    print(f'{result["num_samples"]} samples from {result["samples"]} vs {result["num_real"]} real {result["dataset"]} '
+             'cas': f'real-data baseline: {scores.get("cas_real_baseline", float("nan")):.4g}',
+             'confident_fraction': f'top class probability >= {result["confidence_threshold"]} (dataset classifier)',
+             'classifier_test_accuracy': 'the dataset classifier on the real test split'}
+    print(f'{result["num_samples"]} samples from {source} vs {result["num_real"]} real {result["dataset"]} '
           f'test images, {result["features"]} features')
     print(f'{"metric":<26}{"value":>10}  reference')
     for name in ('fid', 'kid_mean', 'precision', 'recall', 'cas', 'confident_fraction', 'classifier_test_accuracy'):
@@ -248,64 +423,131 @@ def print_table(scores, result):
 # -----------------------------------------------------------------------------
 # Main
 
+def check_flags(args):
+    """What to evaluate: --samples, --vq_checkpoint, or both; flags that need another flag."""
+    if args.vq_checkpoint is None and args.prior_checkpoint is not None:
+        raise UserError('--prior_checkpoint needs --vq_checkpoint, the VQ-VAE or VQ-VAE-2 the prior was trained on')
+    if args.samples is None and args.vq_checkpoint is None:
+        raise UserError('nothing to evaluate: give --vq_checkpoint (a VQ model, and --prior_checkpoint for its '
+                        'prior) or --samples (a folder of samples or a stage-3 codes.pt)')
+    if args.save_samples is not None:
+        if args.prior_checkpoint is None or args.samples is not None:
+            raise UserError('--save_samples keeps the samples drawn from --prior_checkpoint, which are drawn only '
+                            'without --samples; drop --save_samples')
+        if os.path.isdir(args.save_samples) and os.listdir(args.save_samples):
+            raise UserError(f'--save_samples {args.save_samples} is not empty; choose a new folder, so that it '
+                            f'holds these samples only')
+
+
 def main(args):
     # Setup: every check that reads only small files runs before any images are loaded or networks trained
     args.device = resolve_device(args.device)
-    codes = vq = None
-    if os.path.isfile(args.samples):
+    check_flags(args)
+    codes = vq = prior = None
+    data = {}
+    if args.samples is not None and os.path.isfile(args.samples):
         codes = read_codes_file(args.samples)
-        vq, data = load_vq_for_codes(codes, args.samples, args.vq_checkpoint, args.device)
-    else:
-        data = {}
-    # Flags win; then the VQ checkpoint's data settings; then the defaults.
-    args.dataset = args.dataset or data.get('name', 'shapes')
-    args.data_dir = args.data_dir or data.get('data_dir', 'data')
-    args.image_size = args.image_size or data.get('image_size') or DEFAULT_IMAGE_SIZE[args.dataset]
-    args.classifier_dir = args.classifier_dir or os.path.join(args.data_dir, 'eval_classifier')
+        codes_vq, data = load_vq_for_codes(codes, args.samples, args.vq_checkpoint, args.device)
+    if args.vq_checkpoint is not None:
+        vq, prior, data = load_models(args)
+        check_model_data(args, data)
+    apply_data_settings(args, data)
     json_path = args.json or os.path.join(args.out_dir, 'eval.json')
-    _, info = build_dataset(args.dataset, 'test', args.image_size, args.data_dir, args.seed, args.download)
+    _, info = build_dataset(args.dataset, 'test', args.image_size, args.data_dir, args.data_seed, args.download)
     args.num_classes = info['num_classes']
-    if args.features == 'inception':
-        network = load_fid_inception(args.inception_weights, args.device)
-    elif info['num_classes'] < 2:
-        raise UserError(f'{args.dataset} has {info["num_classes"]} class; the classifier feature space needs 2 or '
-                        f'more: use --features inception')
-    if args.num_real is not None and args.num_real < MIN_IMAGES:
-        raise UserError(f'--num_real must be at least {MIN_IMAGES} (precision and recall with k={PR_K} need k + 1)')
+    drawing = prior is not None and args.samples is None  # the prior's samples are scored unless --samples are
+    if prior is not None and prior.num_classes not in (None, info['num_classes']):
+        raise UserError(f'{args.prior_checkpoint} is conditioned on {prior.num_classes} classes but '
+                        f'{args.dataset} has {info["num_classes"]}; give the prior trained on this data')
+    if drawing and args.num_samples < MIN_IMAGES:
+        raise UserError(f'--num_samples must be at least {MIN_IMAGES} (precision and recall with k={PR_K} need '
+                        f'k + 1)')
+    network = None  # the Inception network; the classifier feature space is the dataset classifier, loaded later
+    if args.samples is not None or drawing:
+        if args.features == 'inception':
+            network = load_fid_inception(args.inception_weights, args.device)
+        elif info['num_classes'] < 2:
+            raise UserError(f'{args.dataset} has {info["num_classes"]} class; the classifier feature space needs 2 '
+                            f'or more: use --features inception')
+        if args.num_real is not None and args.num_real < MIN_IMAGES:
+            raise UserError(f'--num_real must be at least {MIN_IMAGES} (precision and recall with k={PR_K} need '
+                            f'k + 1)')
     if codes is not None:
-        images, labels = decode_codes_file(codes, vq, args.batch_size, args.device)
-    else:
+        images, labels = decode_codes_file(codes, codes_vq, args.batch_size, args.device)
+    elif args.samples is not None:
         images, labels = read_sample_folder(args.samples, info)
-    check_samples(images, labels, info, args.samples)
+    if args.samples is not None:
+        check_samples(images, labels, info, args.samples)
     json_folder = os.path.dirname(os.path.abspath(json_path))
     if os.path.isdir(json_folder) and not os.access(json_folder, os.W_OK):
         raise UserError(f'cannot write {json_path}: its folder is not writable; choose another --json')
 
     # The output folder is held (locked) only when something goes into it: eval.json by default, or W&B's files.
     with OutputDir(args.out_dir, enabled=args.json is None or args.wandb):
-        # Feature network
-        scores = {}
-        test = load_test_split(args)
-        if args.features == 'classifier':
-            network, record = dataset_classifier(args.dataset, args.image_size, args.data_dir, args.seed,
-                                                 args.classifier_dir, classifier_settings(args),
-                                                 args.classifier_num_train, test, args.device, args.download)
-            scores['classifier_test_accuracy'] = record['test_accuracy']
+        result = {'dataset': args.dataset, 'image_size': args.image_size}
+        test = load_test_split(args)  # (uint8 images [N, C, S, S], labels [N])
 
-        # Score
-        reference = real_reference(args, network, len(images), test)
-        scores.update(score_samples(images, labels, reference, network, args))
-        result = {'samples': args.samples, 'dataset': args.dataset, 'image_size': args.image_size,
-                  'features': args.features, 'class_conditional': labels is not None, 'num_samples': len(images),
-                  'num_real': len(reference['test_images']), 'num_floor': reference['num_floor'], 'scores': scores,
-                  'settings': {k: str(v) if isinstance(v, torch.device) else v for k, v in vars(args).items()}}
+        # Model
+        if vq is not None:
+            log_scales, num_fit = fit_decoder_scales(vq, data, args)
+            result.update({'vq_checkpoint': args.vq_checkpoint, 'prior_checkpoint': args.prior_checkpoint,
+                           'num_test': len(test[0]), 'num_fit': num_fit})
+            result.update(evaluate_model(vq, prior, test, log_scales, args))
+
+        # Samples
+        if drawing:
+            images, labels = draw_samples(vq, prior, args)
+            if args.save_samples is not None:
+                save_sample_folder(args.save_samples, images, labels)
+        if args.samples is not None or drawing:
+            result.update(score(images, labels, test, info, network, args))
+
+        result['settings'] = {k: str(v) if isinstance(v, torch.device) else v for k, v in vars(args).items()}
         write_json(result, json_path)
-        print_table(scores, result)
-        print(f'scores written to {json_path}')
+        if vq is not None:
+            print_model_table(result)
+        if 'scores' in result:
+            print_table(result['scores'], result, args.samples or f'the prior {args.prior_checkpoint}')
+        print(f'results written to {json_path}')
         if args.wandb:
             tracker = Tracker(args.out_dir, result['settings'], wandb=wandb_settings(args))
-            tracker.log(scores, step=0)
+            tracker.log(logged_numbers(result), step=0)
             tracker.finish()
+
+
+def apply_data_settings(args, data):
+    """Set the real data's settings on args: flags win; then the VQ checkpoint's data settings; then the defaults."""
+    args.dataset = args.dataset or data.get('name', 'shapes')
+    args.data_dir = args.data_dir or data.get('data_dir', 'data')
+    args.image_size = args.image_size or data.get('image_size') or DEFAULT_IMAGE_SIZE[args.dataset]
+    args.data_seed = data.get('seed', args.seed)
+    args.num_test = (data.get('num_samples') or {}).get('test')
+    args.classifier_dir = args.classifier_dir or os.path.join(args.data_dir, 'eval_classifier')
+
+
+def score(images, labels, test, info, network, args):
+    """The result entries about uint8 samples [N, C, S, S] (class labels [N] or None) scored against the real test
+    split `test`: their counts and 'scores'. `network` is the Inception network with --features inception."""
+    scores, classifier = {}, None
+    if info['num_classes'] >= 2:
+        classifier, record = load_classifier(args, test)
+        scores['classifier_test_accuracy'] = record['test_accuracy']
+    if args.features == 'classifier':
+        network = classifier
+    reference = real_reference(args, network, len(images), test)
+    scores.update(score_samples(images, labels, reference, network, args, classifier))
+    return {'samples': args.samples or args.save_samples, 'features': args.features,
+            'class_conditional': labels is not None, 'num_samples': len(images),
+            'num_real': len(reference['test_images']), 'num_floor': reference['num_floor'],
+            'confidence_threshold': args.confidence, 'scores': scores}
+
+
+def logged_numbers(result):
+    """Every number of the result in one flat dict, for W&B."""
+    numbers = {**result.get('reconstruction', {}), **(result.get('prior') or {}), **result.get('scores', {})}
+    numbers.update({name: result[name] for name in ('bits_per_dim', 'latent_bits_per_dim', 'decoder_bits_per_dim')
+                    if result.get(name) is not None})
+    return numbers
 
 
 def write_json(result, path):
@@ -322,40 +564,67 @@ def write_json(result, path):
 
 def build_parser():
     """The evaluation command line."""
-    parser = ArgumentParser(description='Score samples against the real test split: FID, KID, precision/recall, CAS.')
-    parser.add_argument('--samples', required=True,
-                        help='folder of PNG/JPEG samples (class subfolders for class-conditional ones) or a stage-3 '
-                             'codes.pt (required)')
-    parser.add_argument('--vq_checkpoint', default=None,
-                        help='VQ-VAE or VQ-VAE-2 checkpoint that decodes a codes.pt (default: none)')
-    parser.add_argument('--dataset', default=None, choices=DATASETS,
-                        help="real data to compare with (default: the VQ checkpoint's, else shapes)")
-    parser.add_argument('--data_dir', default=None, help="where the real data lives (default: the VQ checkpoint's, "
-                                                         "else data)")
-    parser.add_argument('--image_size', type=positive_int, default=None,
-                        help="image size (default: the VQ checkpoint's, else the dataset's default, e.g. 32)")
-    parser.add_argument('--no_download', dest='download', action='store_false',
-                        help='never try to download the real data (default: download when missing)')
-    parser.add_argument('--features', default='classifier', choices=['classifier', 'inception'],
-                        help='feature space: a small CNN trained on the training split, or the FID Inception-v3 '
-                             '(default: classifier)')
-    parser.add_argument('--inception_weights', default=None,
-                        help='FID Inception weights file (default: <torch hub dir>/checkpoints/'
-                             'pt_inception-2015-12-05-6726825d.pth)')
-    parser.add_argument('--num_real', type=positive_int, default=None,
-                        help='real test images to compare with, a random subset (default: the whole test split)')
+    parser = ArgumentParser(description='Evaluate a VQ model and its prior (reconstruction, bits per dimension, '
+                                        'samples), or score samples against the real test split: FID, KID, '
+                                        'precision/recall, CAS.')
+    models = parser.add_argument_group('models')
+    models.add_argument('--vq_checkpoint', default=None,
+                        help='VQ-VAE or VQ-VAE-2 checkpoint to evaluate, and to decode a codes.pt given as --samples '
+                             '(default: none)')
+    models.add_argument('--prior_checkpoint', default=None,
+                        help="stage-2 prior of the VQ model: bits per code and dimension, and samples to score "
+                             "(default: none)")
+    models.add_argument('--num_fit', type=positive_int, default=5000,
+                        help='training images that the decoder scales are fitted on, a random subset (default: 5000)')
+    models.add_argument('--num_samples', type=positive_int, default=10000,
+                        help='samples to draw from the prior and score, unless --samples is given (default: 10000)')
+    models.add_argument('--sample_batch_size', type=positive_int, default=100,
+                        help='samples drawn at once; the samples do not depend on it (default: 100)')
+    models.add_argument('--temperature', type=positive_float, default=1.0,
+                        help='divides the prior\'s logits when sampling (default: 1.0)')
+    models.add_argument('--top_k', type=positive_int, default=None,
+                        help='sample each code from the k most likely ones only (default: all codes)')
+    models.add_argument('--top_p', type=probability, default=None,
+                        help='nucleus sampling with p in (0, 1] (default: all codes)')
+    models.add_argument('--save_samples', default=None,
+                        help='also write the drawn samples as PNGs into this new folder, one subfolder per class for '
+                             'a class-conditional prior, which --samples can score again (default: none)')
+    samples = parser.add_argument_group('samples')
+    samples.add_argument('--samples', default=None,
+                         help='folder of PNG/JPEG samples (class subfolders for class-conditional ones) or a stage-3 '
+                              'codes.pt (default: none)')
+    samples.add_argument('--dataset', default=None, choices=DATASETS,
+                         help="real data to compare with (default: the VQ checkpoint's, else shapes)")
+    samples.add_argument('--data_dir', default=None, help="where the real data lives (default: the VQ checkpoint's, "
+                                                          "else data)")
+    samples.add_argument('--image_size', type=positive_int, default=None,
+                         help="image size (default: the VQ checkpoint's, else the dataset's default, e.g. 32)")
+    samples.add_argument('--no_download', dest='download', action='store_false',
+                         help='never try to download the real data (default: download when missing)')
+    samples.add_argument('--features', default='classifier', choices=['classifier', 'inception'],
+                         help='feature space: a small CNN trained on the training split, or the FID Inception-v3 '
+                              '(default: classifier)')
+    samples.add_argument('--inception_weights', default=None,
+                         help='FID Inception weights file (default: <torch hub dir>/checkpoints/'
+                              'pt_inception-2015-12-05-6726825d.pth)')
+    samples.add_argument('--num_real', type=positive_int, default=None,
+                         help='real test images to compare with, a random subset (default: the whole test split)')
+    samples.add_argument('--confidence', type=probability, default=0.9,
+                         help='confident_fraction counts the samples that the dataset classifier gives a class with '
+                              'at least this probability (default: 0.9)')
+    samples.add_argument('--classifier_dir', default=None,
+                         help='cache of trained evaluation classifiers (default: <data_dir>/eval_classifier)')
+    samples.add_argument('--classifier_epochs', type=positive_int, default=ClassifierSettings.epochs,
+                         help=f'epochs to train each evaluation classifier (default: {ClassifierSettings.epochs})')
+    samples.add_argument('--classifier_min_steps', type=positive_int, default=ClassifierSettings.min_steps,
+                         help='at least this many training steps, so that a classifier of a few hundred samples '
+                              f'(CAS) is trained too (default: {ClassifierSettings.min_steps})')
+    samples.add_argument('--classifier_num_train', type=positive_int, default=None,
+                         help='training images for the dataset classifier, a random subset (default: all)')
     parser.add_argument('--batch_size', type=positive_int, default=250,
-                        help='images per forward pass when extracting features (default: 250)')
-    parser.add_argument('--classifier_dir', default=None,
-                        help='cache of trained evaluation classifiers (default: <data_dir>/eval_classifier)')
-    parser.add_argument('--classifier_epochs', type=positive_int, default=ClassifierSettings.epochs,
-                        help=f'epochs to train each evaluation classifier (default: {ClassifierSettings.epochs})')
-    parser.add_argument('--classifier_min_steps', type=positive_int, default=ClassifierSettings.min_steps,
-                        help='at least this many training steps, so that a classifier of a few hundred samples (CAS) '
-                             f'is trained too (default: {ClassifierSettings.min_steps})')
-    parser.add_argument('--classifier_num_train', type=positive_int, default=None,
-                        help='training images for the feature classifier, a random subset (default: all)')
-    parser.add_argument('--json', default=None, help='where to write the scores (default: <out_dir>/eval.json)')
+                        help='images per forward pass of the VQ model, the prior and the feature networks '
+                             '(default: 250)')
+    parser.add_argument('--json', default=None, help='where to write the results (default: <out_dir>/eval.json)')
     add_common_flags(parser, out_dir='runs/eval', out_dir_help='folder for eval.json and W&B files')
     add_wandb_flags(parser, project='vqvae-eval')
     return parser

@@ -1,6 +1,7 @@
-"""evaluate.py through the real script (real shapes test images score near the train-vs-test floor, noise far worse,
-the classifier is trained once and then re-used, bad input ends in one line and writes nothing), and its pieces in
-process: reading sample folders, decoding codes.pt, the classifier cache, the FID Inception network's loading."""
+"""evaluate.py on samples through the real script (real shapes test images score near the train-vs-test floor, noise
+far worse, the classifier is trained once and then re-used, bad input ends in one line and writes nothing), and its
+pieces in process: reading sample folders, decoding codes.pt, the classifier cache, the FID Inception network's
+loading. Models (--vq_checkpoint with --prior_checkpoint) are in test_evaluate_models.py."""
 import json
 import os
 
@@ -142,11 +143,15 @@ def test_codes_file_is_decoded_with_the_vq_checkpoints_data_settings(paths, runs
     json_path = os.path.join(paths['root'], 'elsewhere', 'scores.json')
     # Dataset settings come from the VQ checkpoint (shapes at 16x16); its classifier trains in a few steps.
     run_main_in_process(paths, paths['codes.pt'], 'codes', '--vq_checkpoint', paths['vq.pth'],
-                        '--classifier_min_steps', '10', '--classifier_num_train', '200', '--json', json_path)
+                        '--classifier_min_steps', '10', '--classifier_num_train', '200', '--num_fit', '100',
+                        '--json', json_path)
     with open(json_path) as f:
         result = json.load(f)
     assert result['image_size'] == 16 and result['num_samples'] == 8 and result['class_conditional']
     assert 'cas' in result['scores']
+    # --vq_checkpoint is evaluated as a model too: without a prior, reconstruction and the decoder's bits only.
+    assert set(result['reconstruction']) == {'mse', 'psnr', 'perplexity/flat', 'code_usage/flat'}
+    assert result['decoder_bits_per_dim'] > 0 and result['bits_per_dim'] is None and result['num_fit'] == 100
     assert not os.path.exists(os.path.join(paths['root'], 'out_codes'))  # --json elsewhere: out_dir untouched
     # Cached: the 32px feature classifier and CAS baseline (300 images); the 16px ones (baseline of 8 images).
     assert len(os.listdir(paths['classifiers'])) == 4
@@ -293,3 +298,22 @@ def test_fid_inception_loads_a_local_weights_file_only(tmp_path):
     torch.save({'conv.weight': torch.zeros(1)}, tmp_path / 'other.pth')
     with pytest.raises(UserError, match='is not the FID Inception weights'):
         load_fid_inception(str(tmp_path / 'other.pth'))
+
+
+def test_confident_fraction_comes_from_the_dataset_classifier_in_any_feature_space():
+    """With features that carry no class probabilities (Inception), the dataset classifier decides confidence."""
+    class Features:
+        def extract(self, images, batch_size, device, desc=''):
+            return {'features': images.flatten(1).float()}
+
+    class Classifier:
+        def predict_proba(self, images, batch_size, device):
+            return torch.tensor([[0.95, 0.05], [0.5, 0.5], [0.9, 0.1], [0.2, 0.8]])
+
+    args = evaluate.build_parser().parse_args(['--samples', 'x', '--confidence', '0.9', '--device', 'cpu'])
+    images = torch.randint(0, 256, (4, 1, 2, 2), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    reference = {'test_features': torch.randn(6, 4, generator=torch.Generator().manual_seed(1)),
+                 'fid_train_vs_test': 0.0}
+    scores = evaluate.score_samples(images, None, reference, Features(), args, Classifier())
+    assert scores['confident_fraction'] == 0.5  # 0.95 and 0.9 reach 0.9; 0.5 and 0.8 do not
+    assert 'confident_fraction' not in evaluate.score_samples(images, None, reference, Features(), args)
