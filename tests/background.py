@@ -243,29 +243,40 @@ def wandb_runs(folder):
     return first, resumed
 
 
-TINY_RECIPE_FLAGS = {  # appended to each stage's command line of the Fashion-MNIST recipe: later flags win
+TINY_RECIPE_FLAGS = {  # appended to the recipe's stage commands (later flags win): script or (script, prior family)
     'main.py': ['--hidden_channels', '16', '--res_channels', '8', '--num_res_blocks', '1', '--num_embeddings', '32',
                 '--embedding_dim', '8'],
-    'train_pixelcnn_vqvae.py': ['--hidden_channels', '16', '--num_layers', '2', '--embedding_dim', '8'],
-    'train_pixelcnn_vqvae2.py': ['--hidden_channels', '16', '--num_layers', '2', '--embedding_dim', '8'],
+    'pixelcnn': ['--hidden_channels', '16', '--num_layers', '2', '--embedding_dim', '8'],
+    'transformer': ['--embed_dim', '16', '--num_layers', '2', '--num_heads', '2', '--num_kv_heads', '1'],
 }
+
+
+def tiny_recipe_flags(command):
+    """The tiny model flags for one of the recipe's stage commands (`script flags...`), or none."""
+    if command[0] == 'main.py':
+        return TINY_RECIPE_FLAGS['main.py']
+    if command[0].startswith('train_'):
+        family = command[command.index('--prior') + 1] if '--prior' in command else 'pixelcnn'
+        return TINY_RECIPE_FLAGS[family]
+    return []
 
 
 def fashion_recipe(folder, data_dir):
     """bench/reproduce_fashion_mnist.py at --scale 0.005 (7 steps per stage) on 256 training images, with tiny models:
     (its results folder, the stage command lines it ran).
 
-    The recipe runs each stage as `python <script> ...`; here those commands run in this process with
-    TINY_RECIPE_FLAGS appended, so the recipe's own logic and the real scripts run without five more torch imports
-    and minutes of default-size models.
+    The recipe runs each stage as `python <script> ...`; here those commands run in this process with the tiny model
+    flags of TINY_RECIPE_FLAGS appended, so the recipe's own logic and the real scripts run without a torch import per
+    stage and minutes of default-size models.
     """
     stages, real_run = [], subprocess.run
 
     def run_stage_in_process(command, cwd=None, check=False, **kwargs):
-        if command[0] != sys.executable or command[1] not in TINY_RECIPE_FLAGS:
+        command = [str(arg) for arg in command]
+        if command[0] != sys.executable or not os.path.isfile(os.path.join(cwd or REPO, command[1])):
             return real_run(command, cwd=cwd, check=check, **kwargs)
         stages.append(command[1:])
-        result = run_in_process([*command[1:], *TINY_RECIPE_FLAGS[command[1]]], cwd=cwd or REPO)
+        result = run_in_process([*command[1:], *tiny_recipe_flags(command[1:])], cwd=cwd or REPO)
         if check and result.returncode != 0:
             raise subprocess.CalledProcessError(result.returncode, command, result.stdout, result.stderr)
         return result

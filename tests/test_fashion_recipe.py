@@ -20,8 +20,8 @@ NUM_EMBEDDINGS = int(TINY_RECIPE_FLAGS['main.py'][TINY_RECIPE_FLAGS['main.py'].i
 def recipe(fashion_job):
     """The recipe's results folder."""
     out_dir, stages = fashion_job.result()
-    assert [stage[0] for stage in stages] == ['main.py', 'main.py', 'train_pixelcnn_vqvae.py',
-                                              'train_pixelcnn_vqvae2.py', 'train_pixelcnn_vqvae2.py']
+    scripts = [stage[0] for stage in stages]
+    assert scripts.count('main.py') == 2 and {'train_pixelcnn_vqvae.py', 'train_pixelcnn_vqvae2.py'} <= set(scripts)
     return out_dir
 
 
