@@ -71,8 +71,7 @@ def main(args):
     eval_args = evaluate.build_parser().parse_args([
         '--samples', 'in-memory', '--dataset', args.dataset, '--data_dir', args.data_dir, '--device', 'cpu',
         *(['--classifier_dir', args.classifier_dir] if args.classifier_dir else [])])
-    eval_args.image_size = eval_args.image_size or 32
-    eval_args.classifier_dir = eval_args.classifier_dir or os.path.join(args.data_dir, 'eval_classifier')
+    evaluate.apply_data_settings(eval_args, {})
     train_set, info = build_dataset(args.dataset, 'train', eval_args.image_size, args.data_dir)
     eval_args.num_classes = info['num_classes']
 

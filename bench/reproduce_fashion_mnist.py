@@ -1,19 +1,21 @@
-"""Results on real data: all three stages on Fashion-MNIST on the CPU, with fixed seeds, in about 45 minutes.
+"""Results on real data: all three stages on Fashion-MNIST on the CPU, with fixed seeds, then evaluate.py on each model.
 
 Example:
     apt-get install -y dataset-fashion-mnist     # the real data set, from Debian's packages
     python bench/reproduce_fashion_mnist.py      # writes results/fashion_mnist/{results.md,results.json,*.png}
-    python bench/reproduce_fashion_mnist.py --scale 0.02 --out_dir /tmp/fm   # a few steps per stage (the test)
+    python bench/reproduce_fashion_mnist.py --scale 0.02 --num_samples 200 --out_dir /tmp/fm   # a smoke run
 
-It trains, through the real scripts: a VQ-VAE with a flat prior, a VQ-VAE-2 with a hierarchical prior, and a
-class-conditional hierarchical prior. Then it measures, on the official test split: reconstruction MSE and PSNR, code
-usage and perplexity, the priors' bits per code next to a unigram baseline (code frequencies of the training codes),
-cached sampling time per image, and the wall time of each stage; and it draws the picture grids.
+It trains, through the real scripts: a VQ-VAE with a flat PixelCNN prior; a VQ-VAE-2 with two hierarchical priors
+trained on the same codes for the same wall-clock budget (--prior_minutes each), a gated PixelCNN and a transformer;
+and a class-conditional hierarchical prior of the family with the lower held-out bits per code. Then evaluate.py
+scores every model on the official test split: reconstruction, code usage, bits per code and bits per dimension, and
+FID / KID / precision / recall of --num_samples samples in the classifier feature space (CAS for the class-conditional
+prior; FID at temperatures 1.0, 0.9 and 0.8 for the unconditional hierarchical priors). It writes the results table
+and the picture grids.
 """
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -24,41 +26,40 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from common.codes import load_or_extract_codes  # noqa: E402
 from common.data import FASHION_MNIST_SYSTEM_DIR, build_dataset, denormalize  # noqa: E402
-from common.sampling import codes_file_key  # noqa: E402
-from models import file_sha256, load_checkpoint, load_model  # noqa: E402
+from models import load_model  # noqa: E402
 
-CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot')
-
-# Steps per stage at --scale 1, chosen so the whole recipe takes about 45 minutes on 2 CPU cores.
+PRIOR_FLAGS = ['--preset', 'small', '--lr', '1e-3', '--lr_schedule', 'cosine']
+# name -> (script, flags, steps at --scale 1 or None for a time budget, the VQ model it uses)
 STAGES = {
-    'vq_vae': ('main.py', ['--arch', 'vq_vae', '--lr', '1e-3', '--lr_schedule', 'cosine'], 1500),
-    'vq_vae2': ('main.py', ['--arch', 'vq_vae2', '--lr', '1e-3', '--lr_schedule', 'cosine'], 1500),
-    'prior_vqvae': ('train_pixelcnn_vqvae.py', ['--preset', 'small', '--lr', '1e-3', '--lr_schedule', 'cosine'],
-                    1400),
-    'prior_vqvae2': ('train_pixelcnn_vqvae2.py', ['--preset', 'small', '--lr', '1e-3', '--lr_schedule', 'cosine'],
-                     1200),
-    'prior_vqvae2_classes': ('train_pixelcnn_vqvae2.py', ['--preset', 'small', '--lr', '1e-3', '--lr_schedule',
-                                                          'cosine', '--class_conditional'], 1200),
+    'vq_vae': ('main.py', ['--arch', 'vq_vae', '--lr', '1e-3', '--lr_schedule', 'cosine'], 1500, None),
+    'vq_vae2': ('main.py', ['--arch', 'vq_vae2', '--lr', '1e-3', '--lr_schedule', 'cosine'], 1500, None),
+    'prior_vqvae': ('train_pixelcnn_vqvae.py', PRIOR_FLAGS, 1400, 'vq_vae'),
+    'prior_vqvae2': ('train_pixelcnn_vqvae2.py', PRIOR_FLAGS + ['--prior', 'pixelcnn'], None, 'vq_vae2'),
+    'prior_vqvae2_transformer': ('train_pixelcnn_vqvae2.py', PRIOR_FLAGS + ['--prior', 'transformer'], None,
+                                 'vq_vae2'),
+    'prior_vqvae2_classes': ('train_pixelcnn_vqvae2.py', PRIOR_FLAGS + ['--class_conditional'], 1200, 'vq_vae2'),
 }
+TEMPERATURES = (1.0, 0.9, 0.8)
 
 
-def run_stage(name, args, out_dir, data_dir, scale):
+def run_stage(name, args, extra=()):
     """Run one training script to completion; returns its wall time in seconds."""
-    script, flags, steps = STAGES[name]
-    steps = max(2, int(steps * scale))
-    command = [sys.executable, script, *flags, '--max_steps', str(steps), '--epochs', '1000', '--seed', '0',
-               '--out_dir', os.path.join(out_dir, name), '--num_epoch_samples', '0'] if 'prior' in name else \
-              [sys.executable, script, *flags, '--dataset', 'fashion_mnist', '--data_dir', data_dir, '--max_steps',
-               str(steps), '--epochs', '1000', '--seed', '0', '--out_dir', os.path.join(out_dir, name)] + \
-              (['--num_train', str(args.num_train), '--num_val', str(args.num_val)] if args.num_train else [])
-    if 'prior' in name:
-        vq = 'vq_vae' if name == 'prior_vqvae' else 'vq_vae2'
-        command += ['--vqvae_checkpoint' if vq == 'vq_vae' else '--vqvae2_checkpoint',
-                    os.path.join(out_dir, vq, 'best.pth'), '--batch_size', str(args.prior_batch_size)]
+    script, flags, steps, vq_name = STAGES[name]
+    out_dir = os.path.join(args.out_dir, name)
+    command = [sys.executable, script, *flags, *extra, '--epochs', '1000', '--seed', '0', '--out_dir', out_dir]
+    if steps is None:  # the two families compared at equal budget: the same minutes, as many steps as they fit
+        command += ['--max_minutes', str(args.prior_minutes * args.scale)]
     else:
-        command += ['--batch_size', str(args.vq_batch_size)]
+        command += ['--max_steps', str(max(1, round(steps * args.scale)))]
+    if vq_name is None:
+        command += ['--dataset', 'fashion_mnist', '--data_dir', args.data_dir, '--batch_size', str(args.vq_batch_size)]
+        if args.num_train:
+            command += ['--num_train', str(args.num_train), '--num_val', str(args.num_val)]
+    else:
+        vq_flag = '--vqvae_checkpoint' if vq_name == 'vq_vae' else '--vqvae2_checkpoint'
+        command += [vq_flag, os.path.join(args.out_dir, vq_name, 'best.pth'), '--batch_size',
+                    str(args.prior_batch_size), '--num_epoch_samples', '0']
     print('$ ' + ' '.join(command[1:]), flush=True)
     started = time.time()
     subprocess.run(command, cwd=ROOT, check=True, env={**os.environ, 'WANDB_MODE': 'disabled'},
@@ -66,108 +67,87 @@ def run_stage(name, args, out_dir, data_dir, scale):
     return time.time() - started
 
 
-def prior_bits(prior, test, labels, batch_size=250):
-    """Mean cross-entropy of the test codes in bits per code, per level, computed in batches."""
-    sums = None
-    for start in range(0, len(test[0]), batch_size):
-        part = [codes[start:start + batch_size] for codes in test]
-        part_labels = labels[start:start + batch_size] if labels is not None else None
-        logits = prior(part[0], class_labels=part_labels) if len(part) == 1 else prior(*part, class_labels=part_labels)
-        logits = logits if isinstance(logits, tuple) else (logits,)
-        batch = torch.tensor([float(torch.nn.functional.cross_entropy(lg, c, reduction='sum'))
-                              for lg, c in zip(logits, part)])
-        sums = batch if sums is None else sums + batch
-    return [float(total) / test[i].numel() / math.log(2) for i, total in enumerate(sums)]
+def evaluate_command(args, vq_name, prior_name=None, temperature=1.0):
+    """The evaluate.py command line for one model (and temperature); its JSON goes to <out_dir>/eval/."""
+    name = f'{prior_name or vq_name}_t{temperature:g}'
+    command = [sys.executable, 'evaluate.py', '--vq_checkpoint', os.path.join(args.out_dir, vq_name, 'best.pth'),
+               '--data_dir', args.data_dir, '--num_samples', str(args.num_samples), '--temperature', str(temperature),
+               '--classifier_dir', os.path.join(args.out_dir, 'eval_classifier'), '--device', 'cpu',
+               '--out_dir', os.path.join(args.out_dir, 'eval', name), '--json',
+               os.path.join(args.out_dir, 'eval', f'{name}.json'), *args.eval_flags]
+    if prior_name:
+        command += ['--prior_checkpoint', os.path.join(args.out_dir, prior_name, 'best.pth')]
+    if args.num_test:
+        command += ['--num_real', str(args.num_test)]
+    return name, command
 
 
-def unigram_bits(train_codes, test_codes, num_embeddings):
-    """Bits per code of the test codes under the training codes' frequencies (add-one smoothing)."""
-    counts = torch.bincount(train_codes.flatten().long(), minlength=num_embeddings).double() + 1
-    log_probs = (counts / counts.sum()).log2()
-    return float(-log_probs[test_codes.flatten().long()].mean())
-
-
-def code_stats(codes, num_embeddings):
-    """Perplexity and fraction of the codebook used, over all codes of a split."""
-    counts = torch.bincount(codes.flatten().long(), minlength=num_embeddings).double()
-    probs = counts / counts.sum()
-    return float(torch.exp(-(probs[probs > 0] * probs[probs > 0].log()).sum())), float((counts > 0).double().mean())
+def run_evaluations(args, commands):
+    """Run evaluate.py commands two at a time with one thread each (the classifier is trained by the first one);
+    returns {name: results dict}."""
+    results, env = {}, {**os.environ, 'WANDB_MODE': 'disabled', 'OMP_NUM_THREADS': '1'}
+    first, *rest = commands
+    for batch in [[first]] + [rest[i:i + 2] for i in range(0, len(rest), 2)]:
+        started = [(name, subprocess.Popen(command, cwd=ROOT, env=env,
+                                           stdout=subprocess.DEVNULL if args.quiet else None)) for name, command in batch]
+        for name, process in started:
+            if process.wait() != 0:
+                raise SystemExit(f'error: evaluate.py failed for {name}')
+            with open(os.path.join(args.out_dir, 'eval', f'{name}.json')) as f:
+                results[name] = json.load(f)
+    return results
 
 
 @torch.no_grad()
-def evaluate(out_dir, data_dir, wall, num_test):
-    """All the figures of the results table, and the picture grids."""
+def pictures(args):
+    """Reconstructions of ten test images per VQ model, and 100 samples of each prior (class-conditional: a row per
+    class)."""
     from torchvision.utils import save_image
 
-    test_set, _ = build_dataset('fashion_mnist', 'test', 32, data_dir, num_samples=num_test)
-    loader = torch.utils.data.DataLoader(test_set, batch_size=500)
-    results, rows = {}, []
-    for vq_name, prior_names in (('vq_vae', ['prior_vqvae']), ('vq_vae2', ['prior_vqvae2', 'prior_vqvae2_classes'])):
-        vq_path = os.path.join(out_dir, vq_name, 'best.pth')
-        vq_model = load_model(vq_path)
-        squared, count = 0.0, 0
-        for images, _ in loader:
-            recon, _ = vq_model(images)
-            squared += float((recon - images).pow(2).sum())
-            count += images.numel()
-        mse = squared / count
-        entry = {'test_mse': mse, 'test_psnr': 10 * math.log10(4 / mse), 'train_seconds': wall[vq_name]}
-        grid = torch.stack([test_set[i][0] for i in range(10)])
-        save_image(denormalize(torch.cat([grid, vq_model(grid)[0]])), os.path.join(out_dir, f'{vq_name}_recon.png'),
-                   nrow=10)
-
-        data = load_checkpoint(vq_path)['data']
-        data['num_samples'] = {**data.get('num_samples', {}), 'test': num_test}
-        sha = file_sha256(vq_path)
-        codes = {split: load_or_extract_codes(vq_model, vq_path, sha, data, vq_model.image_size, split, 500, 'cpu')[0]
-                 for split in ('train', 'test')}
-        # The cache holds {'levels': {level: codes}, 'labels'}; the table names the levels as codes.pt does.
-        codes = {split: {**{codes_file_key(level): value for level, value in part['levels'].items()},
-                         'labels': part['labels']} for split, part in codes.items()}
-        levels = ['codes'] if vq_name == 'vq_vae' else ['codes_top', 'codes_bottom']
-        for level in levels:
-            perplexity, usage = code_stats(codes['test'][level], vq_model.num_embeddings)
-            entry[f'{level}_perplexity'], entry[f'{level}_usage'] = perplexity, usage
-            entry[f'{level}_unigram_bits'] = unigram_bits(codes['train'][level], codes['test'][level],
-                                                          vq_model.num_embeddings)
-        for prior_name in prior_names:
-            prior = load_model(os.path.join(out_dir, prior_name, 'best.pth'))
-            labels = codes['test']['labels'] if prior.num_classes else None
-            test = [codes['test'][level].long() for level in levels]
-            level_bits = dict(zip(levels, prior_bits(prior, test, labels)))
-            generator = torch.Generator().manual_seed(0)
-            sample_labels = torch.arange(100) % 10 if prior.num_classes else None
-            started = time.time()
-            if vq_name == 'vq_vae':
-                samples = prior.sample_with_vqvae(vq_model, 100, class_labels=sample_labels, generator=generator)
-            else:
-                samples = prior.sample_with_vqvae2(vq_model, 100, class_labels=sample_labels, generator=generator)
-            seconds = (time.time() - started) / 100
-            if sample_labels is not None:  # one row per class
-                samples = samples.view(10, 10, *samples.shape[1:]).transpose(0, 1).reshape(samples.shape)
-            save_image(denormalize(samples), os.path.join(out_dir, f'{prior_name}_samples.png'), nrow=10)
-            results[prior_name] = {'test_bits': level_bits, 'sampling_seconds_per_image': seconds,
-                                   'train_seconds': wall[prior_name]}
-            rows.append((vq_name, prior_name, entry, results[prior_name], levels))
-        results[vq_name] = entry
-    return results, rows
+    test_set, _ = build_dataset('fashion_mnist', 'test', 32, args.data_dir, num_samples=10)
+    images = torch.stack([test_set[i][0] for i in range(10)])
+    for vq_name in ('vq_vae', 'vq_vae2'):
+        vq_model = load_model(os.path.join(args.out_dir, vq_name, 'best.pth'))
+        save_image(denormalize(torch.cat([images, vq_model(images)[0]])),
+                   os.path.join(args.out_dir, f'{vq_name}_recon.png'), nrow=10)
+    for prior_name in ('prior_vqvae', 'prior_vqvae2', 'prior_vqvae2_transformer', 'prior_vqvae2_classes'):
+        vq_model = load_model(os.path.join(args.out_dir, STAGES[prior_name][3], 'best.pth'))
+        prior = load_model(os.path.join(args.out_dir, prior_name, 'best.pth'))
+        labels = torch.arange(100) // 10 if prior.num_classes else None  # row r: class r
+        samples = prior.sample_with_vq(vq_model, 100, class_labels=labels,
+                                       generator=torch.Generator().manual_seed(0))
+        save_image(denormalize(samples), os.path.join(args.out_dir, f'{prior_name}_samples.png'), nrow=10)
 
 
-def markdown(results, rows, wall, extraction_seconds):
+def fmt(value, digits=3):
+    """A number for the table, or '-' where there is none."""
+    return '-' if value is None else f'{value:.{digits}f}'
+
+
+def markdown(evals, wall, conditional_family):
     """The results table as Markdown."""
-    lines = ['| model | prior | test MSE | test PSNR (dB) | level | code usage | perplexity | prior bits/code | '
-             'unigram bits/code | sampling s/image (cached) | train s (VQ / prior) |',
-             '|---|---|---|---|---|---|---|---|---|---|---|']
-    for vq_name, prior_name, entry, prior_entry, levels in rows:
-        for level in levels:
-            lines.append(
-                f"| {vq_name} | {prior_name} | {entry['test_mse']:.4f} | {entry['test_psnr']:.2f} | "
-                f"{level.replace('codes_', '') if level != 'codes' else '-'} | {entry[f'{level}_usage']:.2f} | "
-                f"{entry[f'{level}_perplexity']:.1f} | {prior_entry['test_bits'][level]:.3f} | "
-                f"{entry[f'{level}_unigram_bits']:.3f} | {prior_entry['sampling_seconds_per_image']:.3f} | "
-                f"{wall[vq_name]:.0f} / {wall[prior_name]:.0f} |")
-    lines.append(f'\nTotal wall time: {sum(wall.values()) + extraction_seconds:.0f} s '
-                 f'(training {sum(wall.values()):.0f} s, evaluation and sampling {extraction_seconds:.0f} s).')
+    lines = ['| VQ model | prior | test MSE | PSNR (dB) | bits/code (levels) | bits/dim (latent + decoder) | FID | KID | '
+             'precision | recall | CAS (real) | train s (prior) |', '|---|---|---|---|---|---|---|---|---|---|---|---|']
+    rows = [('vq_vae', 'prior_vqvae', 'pixelcnn'), ('vq_vae2', 'prior_vqvae2', 'pixelcnn'),
+            ('vq_vae2', 'prior_vqvae2_transformer', 'transformer'),
+            ('vq_vae2', 'prior_vqvae2_classes', f'{conditional_family}, class-conditional')]
+    for vq_name, prior_name, family in rows:
+        e = evals[f'{prior_name}_t1']
+        recon, scores = e['reconstruction'], e.get('scores', {})
+        levels = ', '.join(f'{level} {bits:.3f}' for level, bits in e['prior'].items() if '/' in level)
+        bpd = f"{e['bits_per_dim']:.3f} ({e['latent_bits_per_dim']:.3f} + {e['decoder_bits_per_dim']:.3f})"
+        cas = f"{fmt(scores.get('cas'))} ({fmt(scores.get('cas_real_baseline'))})" if 'cas' in scores else '-'
+        lines.append(f"| {vq_name} | {family} | {recon['mse']:.4f} | {recon['psnr']:.2f} | "
+                     f"{e['prior']['bits_per_code']:.3f} ({levels.replace('bits_per_code/', '')}) | {bpd} | "
+                     f"{fmt(scores.get('fid'))} | {fmt(scores.get('kid_mean'))} | {fmt(scores.get('precision'))} | "
+                     f"{fmt(scores.get('recall'))} | {cas} | {wall[prior_name]:.0f} |")
+    lines += ['', '| prior | FID at temperature 1.0 | 0.9 | 0.8 |', '|---|---|---|---|']
+    for prior_name in ('prior_vqvae2', 'prior_vqvae2_transformer'):
+        lines.append(f'| {prior_name} | ' + ' | '.join(fmt(evals[f'{prior_name}_t{t:g}']['scores'].get('fid'))
+                                                      for t in TEMPERATURES) + ' |')
+    floor = evals['prior_vqvae2_t1']['scores'].get('fid_train_vs_test')
+    lines.append(f'\nFID reference (real training vs test images, same feature space): {fmt(floor)}. '
+                 f'Training wall time: {sum(wall.values()):.0f} s in all.')
     return '\n'.join(lines) + '\n'
 
 
@@ -175,16 +155,31 @@ def main(args):
     if not os.path.exists(os.path.join(FASHION_MNIST_SYSTEM_DIR, 't10k-images-idx3-ubyte.gz')) and \
             not os.path.isdir(os.path.join(args.data_dir, 'FashionMNIST')):
         sys.exit('error: Fashion-MNIST not found; run `apt-get install -y dataset-fashion-mnist` first')
-    os.makedirs(args.out_dir, exist_ok=True)
-    wall = {name: run_stage(name, args, args.out_dir, args.data_dir, args.scale) for name in STAGES}
+    os.makedirs(os.path.join(args.out_dir, 'eval'), exist_ok=True)
+    wall = {name: run_stage(name, args) for name in list(STAGES)[:-1]}
+    # The class-conditional prior is of the family that won the comparison at equal budget.
+    bits = {}
+    for prior_name, family in (('prior_vqvae2', 'pixelcnn'), ('prior_vqvae2_transformer', 'transformer')):
+        bits[family] = torch.load(os.path.join(args.out_dir, prior_name, 'best.pth'),
+                                  weights_only=True)['metrics']['val/bits_per_code']
+    conditional_family = min(bits, key=bits.get)
+    wall['prior_vqvae2_classes'] = run_stage('prior_vqvae2_classes', args, ['--prior', conditional_family])
+
     started = time.time()
-    results, rows = evaluate(args.out_dir, args.data_dir, wall, args.num_test)
-    table = markdown(results, rows, wall, time.time() - started)
+    commands = [evaluate_command(args, 'vq_vae', 'prior_vqvae'),
+                evaluate_command(args, 'vq_vae2', 'prior_vqvae2_classes')]
+    commands += [evaluate_command(args, 'vq_vae2', prior_name, t) for prior_name in
+                 ('prior_vqvae2', 'prior_vqvae2_transformer') for t in TEMPERATURES]
+    evals = run_evaluations(args, commands)
+    pictures(args)
+    table = markdown(evals, wall, conditional_family)
     with open(os.path.join(args.out_dir, 'results.md'), 'w') as f:
         f.write(table)
     with open(os.path.join(args.out_dir, 'results.json'), 'w') as f:
-        json.dump({'results': results, 'wall_seconds': wall, 'scale': args.scale,
-                   'torch': torch.__version__, 'threads': torch.get_num_threads()}, f, indent=1)
+        json.dump({'evaluations': evals, 'train_seconds': wall, 'evaluation_seconds': time.time() - started,
+                   'validation_bits_per_code': bits, 'conditional_family': conditional_family, 'scale': args.scale,
+                   'prior_minutes': args.prior_minutes, 'torch': torch.__version__,
+                   'threads': torch.get_num_threads()}, f, indent=1)
     print(table)
 
 
@@ -193,7 +188,9 @@ if __name__ == '__main__':
     parser.add_argument('--out_dir', default='results/fashion_mnist', help='(default: %(default)s)')
     parser.add_argument('--data_dir', default='data', help='where the unpacked data set goes (default: data)')
     parser.add_argument('--scale', type=float, default=1.0,
-                        help='multiply every stage\'s steps, e.g. 0.02 for a smoke run (default: 1)')
+                        help='multiply every stage\'s steps and budget, e.g. 0.02 for a smoke run (default: 1)')
+    parser.add_argument('--prior_minutes', type=float, default=5.0,
+                        help='wall-clock budget of each of the two compared hierarchical priors (default: 5)')
     parser.add_argument('--vq_batch_size', type=int, default=64, help='(default: 64)')
     parser.add_argument('--prior_batch_size', type=int, default=64, help='(default: 64)')
     parser.add_argument('--num_train', type=int, default=None,
@@ -201,5 +198,9 @@ if __name__ == '__main__':
     parser.add_argument('--num_val', type=int, default=500, help='validation images with --num_train (default: 500)')
     parser.add_argument('--num_test', type=int, default=None,
                         help='test images to evaluate on, for smoke runs (default: all 10000)')
+    parser.add_argument('--num_samples', type=int, default=10000,
+                        help='samples each evaluation generates and scores (default: 10000)')
+    parser.add_argument('--eval_flags', nargs=argparse.REMAINDER, default=[],
+                        help='further evaluate.py flags, e.g. a faster classifier for smoke runs (default: none)')
     parser.add_argument('--quiet', action='store_true', help='hide the training scripts\' progress output')
     main(parser.parse_args())
