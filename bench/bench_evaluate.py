@@ -24,23 +24,12 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 
 import evaluate  # noqa: E402
+from bench_sampling import cpu_model  # noqa: E402
 from common.cli import ArgumentParser, positive_int  # noqa: E402
 from common.data import DATASETS, build_dataset  # noqa: E402
 from common.features import dataset_classifier, load_images, random_subset  # noqa: E402
 
 TARGET_S = 120  # scoring 10,000 samples once the classifier is cached, on 2 CPU cores
-
-
-def cpu_model():
-    """The CPU's model name from /proc/cpuinfo, else whatever the platform module knows."""
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def timed(times, name, fn, *args, **kwargs):

@@ -108,20 +108,28 @@ class VQConfig(ModelConfig):
 # ----------------------------------------------------------------------------------------------------------------
 # Model
 
-class VQVAE(nn.Module):
+class VQModel(nn.Module):
+    """What VQ-VAE and VQ-VAE-2 share: the checked config and the sizes read from it."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.cfg = VQConfig.from_dict(config)
+        self.config = self.cfg.to_dict()
+        self.num_embeddings = self.cfg.num_embeddings
+        self.image_size = self.cfg.image_size
+        self.downsample = self.cfg.downsample
+        self.code_shape(self.cfg.image_size)  # fail early on a size the downsampling cannot take
+
+
+class VQVAE(VQModel):
     """Single-level VQ-VAE: image [B, C, S, S] -> codes [B, S/d, S/d] -> reconstruction, with d = `downsample`."""
 
     kind = 'vq_vae'
     levels = ('flat',)
 
     def __init__(self, **config):
-        super().__init__()
-        cfg = VQConfig.from_dict(config)
-        self.config = cfg.to_dict()
-        self.num_embeddings = cfg.num_embeddings
-        self.image_size = cfg.image_size
-        self.downsample = cfg.downsample
-        self.code_shape(cfg.image_size)  # fail early on a size the downsampling cannot take
+        super().__init__(config)
+        cfg = self.cfg
         self.encoder = Encoder(cfg.in_channels, cfg.hidden_channels, cfg.num_res_blocks, cfg.res_channels,
                                cfg.downsample)
         self.pre_quantize = nn.Conv2d(cfg.hidden_channels, cfg.embedding_dim, 1)

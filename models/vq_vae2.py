@@ -11,23 +11,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .quantizer import VectorQuantizer
-from .vq_vae import Decoder, Encoder, VQConfig
+from .vq_vae import Decoder, Encoder, VQModel
 
 
-class VQVAE2(nn.Module):
+class VQVAE2(VQModel):
     """Two-level VQ-VAE: image [B, C, S, S] -> (codes_top [B, S/2d, S/2d], codes_bottom [B, S/d, S/d])."""
 
     kind = 'vq_vae2'
     levels = ('top', 'bottom')
 
     def __init__(self, **config):
-        super().__init__()
-        cfg = VQConfig.from_dict(config)
-        self.config = cfg.to_dict()
-        self.num_embeddings = cfg.num_embeddings
-        self.image_size = cfg.image_size
-        self.downsample = cfg.downsample
-        self.code_shape(cfg.image_size)  # fail early on a size the downsampling cannot take
+        super().__init__(config)
+        cfg = self.cfg
         quantizer_args = dict(num_embeddings=cfg.num_embeddings, embedding_dim=cfg.embedding_dim,
                               commitment_cost=cfg.commitment_cost, ema=cfg.ema, decay=cfg.decay,
                               dead_code_threshold=cfg.dead_code_threshold)

@@ -117,14 +117,20 @@ def test_a_second_run_in_a_live_runs_folder_refuses_and_the_first_one_finishes(t
     assert load_checkpoint(str(out_dir / 'last.pth'))['step'] == 30
 
 
-def test_resume_in_the_folder_of_a_killed_run_works(tmp_path):
-    out_dir = tmp_path / 'run'
+def start_long_run(out_dir):
+    """Start a stage-1 run that goes on for minutes, and return it once it has written last.pth."""
     process = start_script(['main.py', *TINY_STAGE1, '--max_steps', '100000', '--epochs', '50', '--out_dir',
                             out_dir])
     deadline = time.time() + 120
     while not (out_dir / 'last.pth').exists():
         assert time.time() < deadline and process.poll() is None
         time.sleep(0.2)
+    return process
+
+
+def test_resume_in_the_folder_of_a_killed_run_works(tmp_path):
+    out_dir = tmp_path / 'run'
+    process = start_long_run(out_dir)
     process.send_signal(signal.SIGKILL)
     process.wait()
     code, lines = run('main', ['--resume', out_dir / 'last.pth', '--epochs', '2', '--max_steps', '35'])
@@ -134,12 +140,7 @@ def test_resume_in_the_folder_of_a_killed_run_works(tmp_path):
 
 def test_sigint_stops_with_one_line_naming_the_last_checkpoint(tmp_path):
     out_dir = tmp_path / 'run'
-    process = start_script(['main.py', *TINY_STAGE1, '--max_steps', '100000', '--epochs', '50', '--out_dir',
-                            out_dir])
-    deadline = time.time() + 120
-    while not (out_dir / 'last.pth').exists():
-        assert time.time() < deadline and process.poll() is None
-        time.sleep(0.2)
+    process = start_long_run(out_dir)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     lines = [line for line in stderr.splitlines() if line.strip() and '\r' not in line
