@@ -248,13 +248,16 @@ TINY_RECIPE_FLAGS = {  # appended to the recipe's stage commands (later flags wi
                 '--embedding_dim', '8'],
     'pixelcnn': ['--hidden_channels', '16', '--num_layers', '2', '--embedding_dim', '8'],
     'transformer': ['--embed_dim', '16', '--num_layers', '2', '--num_heads', '2', '--num_kv_heads', '1'],
+    # A feature classifier that trains in seconds, and few images to score (as tests/test_evaluate.py does).
+    'evaluate.py': ['--classifier_num_train', '1500', '--classifier_epochs', '1', '--classifier_min_steps', '30',
+                    '--num_real', '200', '--num_samples', '60', '--num_fit', '200'],
 }
 
 
 def tiny_recipe_flags(command):
     """The tiny model flags for one of the recipe's stage commands (`script flags...`), or none."""
-    if command[0] == 'main.py':
-        return TINY_RECIPE_FLAGS['main.py']
+    if command[0] in ('main.py', 'evaluate.py'):
+        return TINY_RECIPE_FLAGS[command[0]]
     if command[0].startswith('train_'):
         family = command[command.index('--prior') + 1] if '--prior' in command else 'pixelcnn'
         return TINY_RECIPE_FLAGS[family]
