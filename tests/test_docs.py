@@ -379,7 +379,7 @@ def test_the_quickstart_quotes_the_main_job_as_the_script_runs_it():
               if tokens[0] == 'python' and tokens[1] != '-m']
     quoted = [[' '.join(tokens) for tokens in split_commands(block.code)]
               for block in CODE_BLOCKS if block.doc == 'QUICKSTART_PIXELCNN.md' and block.lang == 'bash']
-    assert len(script) == 3 and script in quoted, 'QUICKSTART_PIXELCNN.md must quote these commands of ' \
+    assert len(script) == 4 and script in quoted, 'QUICKSTART_PIXELCNN.md must quote these commands of ' \
         'examples/shapes_pipeline.sh in one bash block:\n' + '\n'.join(script)
 
 
