@@ -7,6 +7,7 @@ the tests run one after another in the first.
   runs that no test needs early (torch.compile, W&B, the Fashion-MNIST recipe).
 The tests that wait for a background run are ordered last (conftest.pytest_collection_modifyitems).
 """
+import gzip
 import json
 import os
 import pickle
@@ -243,50 +244,102 @@ def wandb_runs(folder):
     return first, resumed
 
 
-TINY_RECIPE_FLAGS = {  # appended to the recipe's stage commands (later flags win): script or (script, prior family)
+TINY_RECIPE_FLAGS = {  # appended to the recipe's training commands (later flags win): by script or prior family
     'main.py': ['--hidden_channels', '16', '--res_channels', '8', '--num_res_blocks', '1', '--num_embeddings', '32',
                 '--embedding_dim', '8'],
     'pixelcnn': ['--hidden_channels', '16', '--num_layers', '2', '--embedding_dim', '8'],
     'transformer': ['--embed_dim', '16', '--num_layers', '2', '--num_heads', '2', '--num_kv_heads', '1'],
-    # A feature classifier that trains in seconds, and few images to score (as tests/test_evaluate.py does).
-    'evaluate.py': ['--classifier_num_train', '1500', '--classifier_epochs', '1', '--classifier_min_steps', '30',
-                    '--num_real', '200', '--num_samples', '60', '--num_fit', '200'],
 }
+# The recipe's own flags for a smoke run: 8 steps of stage 1 on 256 images, priors of 7 steps or 0.3 s each, and
+# evaluations of 40 samples against 64 test images with a feature classifier that trains in seconds.
+TINY_RECIPE = ['--scale', '0.005', '--prior_minutes', '1', '--num_train', '256', '--num_val', '32', '--num_test', '64', '--num_samples', '40',
+               '--vq_batch_size', '32', '--prior_batch_size', '32', '--quiet',
+               '--eval_flags', '--classifier_num_train', '1500', '--classifier_epochs', '1',
+               '--classifier_min_steps', '30', '--num_fit', '200']
 
 
 def tiny_recipe_flags(command):
     """The tiny model flags for one of the recipe's stage commands (`script flags...`), or none."""
-    if command[0] in ('main.py', 'evaluate.py'):
-        return TINY_RECIPE_FLAGS[command[0]]
+    if command[0] == 'main.py':
+        return TINY_RECIPE_FLAGS['main.py']
     if command[0].startswith('train_'):
-        family = command[command.index('--prior') + 1] if '--prior' in command else 'pixelcnn'
-        return TINY_RECIPE_FLAGS[family]
+        return TINY_RECIPE_FLAGS[command[command.index('--prior') + 1] if '--prior' in command else 'pixelcnn']
     return []
 
 
-def fashion_recipe(folder, data_dir):
-    """bench/reproduce_fashion_mnist.py at --scale 0.005 (7 steps per stage) on 256 training images, with tiny models:
-    (its results folder, the stage command lines it ran).
+def fashion_mnist_with_a_small_test_split(data_dir, system_dir, num_test=1000):
+    """Unpack Debian's Fashion-MNIST into data_dir as torchvision reads it, the test split cut to its first images.
 
-    The recipe runs each stage as `python <script> ...`; here those commands run in this process with the tiny model
-    flags of TINY_RECIPE_FLAGS appended, so the recipe's own logic and the real scripts run without a torch import per
-    stage and minutes of default-size models.
+    evaluate.py scores a VQ model on the whole test split (10000 images), eight times in the recipe; 1000 keep the
+    smoke run to seconds. The training split, which stage 1 and the validation split come from, stays whole.
     """
-    stages, real_run = [], subprocess.run
+    raw = os.path.join(data_dir, 'FashionMNIST', 'raw')
+    os.makedirs(raw)
+    for name in ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte', 't10k-images-idx3-ubyte',
+                 't10k-labels-idx1-ubyte'):
+        with gzip.open(os.path.join(system_dir, f'{name}.gz')) as f:
+            content = f.read()
+        if name.startswith('t10k'):  # IDX: magic, count, then (images) rows and columns, all big-endian int32
+            header = 16 if 'images' in name else 8
+            item = len(content[header:]) // int.from_bytes(content[4:8], 'big')
+            content = content[:4] + num_test.to_bytes(4, 'big') + content[8:header] + \
+                content[header:header + num_test * item]
+        with open(os.path.join(raw, name), 'wb') as f:
+            f.write(content)
+    return data_dir
 
-    def run_stage_in_process(command, cwd=None, check=False, **kwargs):
+
+def fashion_recipe(folder, data_dir):
+    """bench/reproduce_fashion_mnist.py with TINY_RECIPE: (its results folder, the script commands it ran).
+
+    The recipe runs every stage and evaluation as `python <script> ...` (subprocess.run, subprocess.Popen); here
+    those commands run in this process, one after another, with the tiny model flags of TINY_RECIPE_FLAGS appended:
+    the recipe's own logic and the real scripts run without a torch import per command and minutes of default-size
+    models.
+    """
+    commands, real_run, real_popen = [], subprocess.run, subprocess.Popen
+
+    def repo_script(command, cwd):
+        """`script flags...` if the command runs a script of this repo with this Python, else None."""
         command = [str(arg) for arg in command]
-        if command[0] != sys.executable or not os.path.isfile(os.path.join(cwd or REPO, command[1])):
+        if command[0] == sys.executable and os.path.isfile(os.path.join(cwd or REPO, command[1])):
+            return command[1:]
+        return None
+
+    def run_here(command, cwd):
+        commands.append(command)
+        return run_in_process([*command, *tiny_recipe_flags(command)], cwd=cwd or REPO)
+
+    def run(command, cwd=None, check=False, **kwargs):
+        script = repo_script(command, cwd)
+        if script is None:
             return real_run(command, cwd=cwd, check=check, **kwargs)
-        stages.append(command[1:])
-        result = run_in_process([*command[1:], *tiny_recipe_flags(command[1:])], cwd=cwd or REPO)
+        result = run_here(script, cwd)
         if check and result.returncode != 0:
             raise subprocess.CalledProcessError(result.returncode, command, result.stdout, result.stderr)
         return result
 
-    subprocess.run = run_stage_in_process  # this is a forked child: nothing to restore
+    class Popen:
+        """A finished in-process run, as far as the recipe asks of a Popen (wait, returncode)."""
+
+        def __new__(cls, command, cwd=None, **kwargs):
+            script = repo_script(command, cwd)
+            if script is None:
+                return real_popen(command, cwd=cwd, **kwargs)
+            process = super().__new__(cls)
+            process.result = run_here(script, cwd)
+            process.returncode = process.result.returncode
+            return process
+
+        def __init__(self, *args, **kwargs):
+            pass  # the run happened in __new__
+
+        def wait(self, timeout=None):
+            if self.returncode != 0:
+                print(self.result.stderr[-3000:], file=sys.stderr)
+            return self.returncode
+
+    subprocess.run, subprocess.Popen = run, Popen  # this is a forked child: nothing to restore
     out_dir = folder / 'results'
-    run_checked(['bench/reproduce_fashion_mnist.py', '--scale', '0.005', '--num_train', '256', '--num_val', '32',
-                 '--num_test', '64', '--vq_batch_size', '32', '--prior_batch_size', '32', '--out_dir', out_dir,
-                 '--data_dir', data_dir, '--quiet'])
-    return out_dir, stages
+    run_checked(['bench/reproduce_fashion_mnist.py', '--out_dir', out_dir, '--data_dir', data_dir, *TINY_RECIPE])
+    return out_dir, commands

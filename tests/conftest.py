@@ -23,8 +23,8 @@ import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: models/, main.py
 
-from background import (DDPJob, ForkJob, compile_runs, fashion_recipe, start_process_checks,  # noqa: E402
-                        wandb_runs)
+from background import (DDPJob, ForkJob, compile_runs, fashion_mnist_with_a_small_test_split,  # noqa: E402
+                        fashion_recipe, start_process_checks, wandb_runs)
 from common.data import FASHION_MNIST_SYSTEM_DIR  # noqa: E402
 from helpers import PRIOR_RUNS, SAMPLE_RUNS, TINY_PRIOR, TINY_STAGE1, VQ_FLAG, run_ok, sampling_args  # noqa: E402
 
@@ -82,7 +82,8 @@ def start_fashion_recipe(folder):
     """The Fashion-MNIST recipe in a fork, or None where the data set is not installed."""
     if not os.path.exists(os.path.join(FASHION_MNIST_SYSTEM_DIR, 'train-images-idx3-ubyte.gz')):
         return None
-    return ForkJob(lambda: fashion_recipe(folder, folder / 'data'), folder, 'fashion_recipe')
+    data_dir = fashion_mnist_with_a_small_test_split(folder / 'data', FASHION_MNIST_SYSTEM_DIR)
+    return ForkJob(lambda: fashion_recipe(folder, data_dir), folder, 'fashion_recipe')
 
 
 BACKGROUND = {  # fixture name -> starter(folder); a job starts only if a collected test asks for its fixture

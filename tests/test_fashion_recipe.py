@@ -1,8 +1,10 @@
-"""A tiny version of the Fashion-MNIST recipe (bench/reproduce_fashion_mnist.py): every stage for a few steps, then
-the evaluation, the results table and the pictures; and what stage 1 makes of the real one-channel data.
+"""A tiny version of the Fashion-MNIST recipe (bench/reproduce_fashion_mnist.py): every stage for a few steps or
+seconds, evaluate.py on every model, then the results table and the pictures; and what stage 1 makes of the real
+one-channel data.
 
-The recipe runs in a fork of the test process as the session starts (tests/background.py, fashion_recipe: its stage
-commands run in-process, with tiny model flags). Skips cleanly where Debian's dataset-fashion-mnist is not installed.
+The recipe runs in a fork of the test process as the session starts (tests/background.py, fashion_recipe: its script
+commands run in-process, with tiny model flags; the test split is cut to 1000 images). Skips cleanly where Debian's
+dataset-fashion-mnist is not installed.
 """
 import json
 import math
@@ -14,43 +16,62 @@ from background import TINY_RECIPE_FLAGS
 from helpers import load_state
 
 NUM_EMBEDDINGS = int(TINY_RECIPE_FLAGS['main.py'][TINY_RECIPE_FLAGS['main.py'].index('--num_embeddings') + 1])
+PRIORS = ('prior_vqvae', 'prior_vqvae2', 'prior_vqvae2_transformer', 'prior_vqvae2_classes')
+EVALUATIONS = ['prior_vqvae_t1', 'prior_vqvae2_classes_t1'] + [f'{prior}_t{t}' for prior in PRIORS[1:3]
+                                                                for t in ('1', '0.9', '0.8')]
 
 
 @pytest.fixture(scope='module')
 def recipe(fashion_job):
-    """The recipe's results folder."""
-    out_dir, stages = fashion_job.result()
-    scripts = [stage[0] for stage in stages]
-    assert scripts.count('main.py') == 2 and {'train_pixelcnn_vqvae.py', 'train_pixelcnn_vqvae2.py'} <= set(scripts)
-    return out_dir
+    """(the recipe's results folder, results.json)."""
+    out_dir, commands = fashion_job.result()
+    scripts = [command[0] for command in commands]
+    assert scripts == ['main.py'] * 2 + ['train_pixelcnn_vqvae.py'] + ['train_pixelcnn_vqvae2.py'] * 3 + \
+        ['evaluate.py'] * len(EVALUATIONS)
+    with open(out_dir / 'results.json') as f:
+        return out_dir, json.load(f)
+
+
+def test_tiny_recipe_trains_every_model_and_scores_it(recipe):
+    out_dir, results = recipe
+    assert sorted(results['train_seconds']) == sorted(['vq_vae', 'vq_vae2', *PRIORS])
+    evaluations = results['evaluations']
+    assert sorted(evaluations) == sorted(EVALUATIONS)
+    for name, evaluation in evaluations.items():
+        reconstruction = evaluation['reconstruction']
+        assert 0 < reconstruction['mse'] < 4 and reconstruction['psnr'] > 0, name
+        levels = [key.split('/')[1] for key in reconstruction if key.startswith('perplexity/')]
+        assert levels == (['flat'] if name.startswith('prior_vqvae_') else ['top', 'bottom']), name
+        for level in levels:
+            assert 1 <= reconstruction[f'perplexity/{level}'] <= NUM_EMBEDDINGS
+            assert 0 < reconstruction[f'code_usage/{level}'] <= 1
+            assert 0 < evaluation['prior'][f'bits_per_code/{level}'] < 12
+        assert evaluation['bits_per_dim'] == pytest.approx(evaluation['latent_bits_per_dim']
+                                                           + evaluation['decoder_bits_per_dim'])
+        assert math.isfinite(evaluation['scores']['fid']) and evaluation['scores']['fid'] >= 0, name
+    assert 'cas' in evaluations['prior_vqvae2_classes_t1']['scores']
+    # The class-conditional prior is of the family with the lower held-out bits per code.
+    bits = results['validation_bits_per_code']
+    assert results['conditional_family'] == min(bits, key=bits.get)
+    classes = load_state(out_dir / 'prior_vqvae2_classes' / 'best.pth')
+    assert classes['kind'] == {'pixelcnn': 'hierarchical_pixelcnn',
+                               'transformer': 'hierarchical_transformer'}[results['conditional_family']]
+    assert classes['config']['num_classes'] == 10  # from the VQ checkpoint's data: Fashion-MNIST's ten classes
 
 
 def test_tiny_recipe_writes_the_results_table_and_pictures(recipe):
-    with open(recipe / 'results.json') as f:
-        results = json.load(f)['results']
-    for vq_name, levels in (('vq_vae', ['codes']), ('vq_vae2', ['codes_top', 'codes_bottom'])):
-        assert 0 < results[vq_name]['test_mse'] < 4 and results[vq_name]['test_psnr'] > 0
-        for level in levels:
-            assert 0 < results[vq_name][f'{level}_usage'] <= 1
-            assert 1 <= results[vq_name][f'{level}_perplexity'] <= NUM_EMBEDDINGS
-            assert 0 < results[vq_name][f'{level}_unigram_bits'] <= math.log2(NUM_EMBEDDINGS) + 1
-    for prior_name, levels in (('prior_vqvae', ['codes']), ('prior_vqvae2', ['codes_top', 'codes_bottom']),
-                               ('prior_vqvae2_classes', ['codes_top', 'codes_bottom'])):
-        assert sorted(results[prior_name]['test_bits']) == sorted(levels)
-        assert all(0 < bits < 12 for bits in results[prior_name]['test_bits'].values())
-        assert results[prior_name]['sampling_seconds_per_image'] > 0
-        assert (recipe / f'{prior_name}_samples.png').stat().st_size > 0
-    assert (recipe / 'vq_vae2_recon.png').exists()
-    table = (recipe / 'results.md').read_text()
-    assert table.count('\n| vq_vae') == 5 and 'unigram bits/code' in table
+    out_dir, _ = recipe
+    for name in [f'{vq}_recon.png' for vq in ('vq_vae', 'vq_vae2')] + [f'{prior}_samples.png' for prior in PRIORS]:
+        assert (out_dir / name).stat().st_size > 0, name
+    table = (out_dir / 'results.md').read_text()
+    assert table.count('\n| vq_vae') == 4 and table.count('\n| prior_vqvae2') == 2 and 'FID at temperature' in table
 
 
 def test_stage_1_reads_fashion_mnist_as_one_channel_with_ten_classes(recipe):
-    checkpoint = load_state(recipe / 'vq_vae' / 'best.pth')
+    out_dir, _ = recipe
+    checkpoint = load_state(out_dir / 'vq_vae' / 'best.pth')
     assert checkpoint['config']['in_channels'] == checkpoint['data']['in_channels'] == 1
     assert checkpoint['config']['image_size'] == 32  # 28x28 padded with the black background
     assert checkpoint['data']['name'] == 'fashion_mnist' and checkpoint['data']['num_classes'] == 10
     data_dir = checkpoint['data']['data_dir']
     assert os.path.isabs(data_dir) and os.listdir(os.path.join(data_dir, 'FashionMNIST', 'raw'))
-    # The class-conditional prior took its ten classes from there.
-    assert load_state(recipe / 'prior_vqvae2_classes' / 'best.pth')['config']['num_classes'] == 10
