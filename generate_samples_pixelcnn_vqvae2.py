@@ -6,7 +6,8 @@ Example:
         --prior_checkpoint runs/prior_vqvae2/best.pth --num_samples 100
 
 Every hyperparameter comes from the two checkpoints. The top codes are sampled first, then the bottom codes given
-them. Under torchrun the samples are split over the processes; each sample depends only on --seed and its index. Writes <out_dir>/samples.png (a grid), codes.pt (codes_top [N, h, w], codes_bottom [N, H, W], class labels and
+them. Under torchrun the samples are split over the processes; each sample depends only on --seed and its index.
+Writes <out_dir>/samples.png (a grid), codes.pt (codes_top [N, h, w], codes_bottom [N, H, W], class labels and
 sampling settings; torch.load(..., weights_only=True) reads it) and, with --save_individual, sample_0000.png, ...
 """
 

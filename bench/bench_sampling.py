@@ -6,7 +6,8 @@ Example:
     python bench/bench_sampling.py --quick   # tiny priors on small grids: a smoke test in seconds
 
 Uses the default presets with untrained weights (the time does not depend on them): PixelCNN(), 512 codes, 128
-hidden channels, 15 layers; TransformerPrior(), 512 codes, width 256, 8 layers, 8 heads (2 key/value heads). The reference sampler costs the same at every position, so when a whole naive run would take
+hidden channels, 15 layers; TransformerPrior(), 512 codes, width 256, 8 layers, 8 heads (2 key/value heads). The
+reference sampler costs the same at every position, so when a whole naive run would take
 longer than --max_naive_seconds, the first N positions are timed and the time scaled to all H*W positions. Prints the
 set-up, a Markdown table and how the results compare with the targets.
 """

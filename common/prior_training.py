@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 from torch.utils.data import TensorDataset
 
-from models import (PRIOR_PRESETS, TRANSFORMER_PRESETS, build_model, file_sha256, load_checkpoint,
-                    model_from_checkpoint)
+from models import (MODELS, PRIOR_PRESETS, TRANSFORMER_PRESETS, ConfigError, build_model, file_sha256,
+                    load_checkpoint, model_from_checkpoint)
 from models.pixelcnn_prior import HierarchicalPixelCNNConfig
 from models.transformer_prior import HierarchicalTransformerConfig
 
@@ -80,7 +80,7 @@ def add_prior_flags(parser, vq_flag, out_dir, wandb_project):
     add_common_flags(parser, out_dir=out_dir)
 
 
-def prior_config(args, family, num_embeddings, num_classes, code_shapes):
+def prior_config(args, family, kind, num_embeddings, num_classes, code_shapes):
     """Prior config: class defaults, then the preset, then the size flags; codebook size (and, for a family with a
     position table, its size) from the VQ model."""
     other = [f'--{name}' for other_name, other_family in FAMILIES.items() if other_name != args.prior
@@ -88,7 +88,13 @@ def prior_config(args, family, num_embeddings, num_classes, code_shapes):
     if other:
         raise UserError(f'{", ".join(other)} {"does" if len(other) == 1 else "do"} not apply to the {args.prior} '
                         f'prior; drop {"it" if len(other) == 1 else "them"} or choose another --prior')
-    config = config_from_flags(args, family.config_class, family.flags, family.presets[args.preset])
+    fields = MODELS[kind].config_class.__dataclass_fields__
+    given = [f'--{name}' for name in family.flags if name not in fields and getattr(args, name, None) is not None]
+    if given:
+        raise UserError(f'{", ".join(given)} only apply{"s" if len(given) == 1 else ""} to a two-level prior; '
+                        f'drop {"it" if len(given) == 1 else "them"}')
+    config = config_from_flags(args, family.config_class, [f for f in family.flags if f in fields],
+                               family.presets[args.preset])
     config.update(num_embeddings=num_embeddings, num_classes=num_classes)
     if 'max_height' in family.config_class.__dataclass_fields__:
         config.update(max_height=max(h for h, _ in code_shapes.values()), max_width=max(w for _, w in
@@ -190,7 +196,8 @@ def make_task(args, model, vq_model, datasets, levels, extra, device):
         save_image(denormalize(images.float().cpu()), path, nrow=int(math.ceil(math.sqrt(len(images)))))
         tracker.log_image('samples', path, step)
 
-    return Task(model=model, train_module=LevelLosses(model), train_set=datasets['train'], val_set=datasets['val'], training_step=training_step,
+    return Task(model=model, train_module=LevelLosses(model), train_set=datasets['train'], val_set=datasets['val'],
+                training_step=training_step,
                 evaluate=evaluate, score_key='bits_per_code', score_scope='levels ' + '+'.join(levels),
                 checkpoint_extra=extra, on_epoch_end=on_epoch_end,
                 find_unused_parameters=len(levels) < len(all_levels),
@@ -228,15 +235,18 @@ def train_prior(args, vq_path, vq_kind, levels=None):
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     kind = resume_state['kind'] if resume_state else family.kind(vq_kind)
     family = FAMILIES[FAMILY_OF_KIND[kind]]  # a resume continues the checkpoint's family
-    config = resume_state['config'] if resume_state else prior_config(args, family, vq_model.num_embeddings,
+    config = resume_state['config'] if resume_state else prior_config(args, family, kind, vq_model.num_embeddings,
                                                                       num_classes, code_shapes)
     if args.weight_decay is None:
         args.weight_decay = family.weight_decay
     batch = args.batch_size // world_size
-    check_memory(kind, config, device, lambda model: model.level_logits(
-        {level: torch.zeros(batch, *shape, dtype=torch.long) for level, shape in code_shapes.items()},
-        torch.zeros(batch, dtype=torch.long) if config.get('num_classes') else None))
-    model = build_model(kind, config)
+    try:
+        check_memory(kind, config, device, lambda model: model.level_logits(
+            {level: torch.zeros(batch, *shape, dtype=torch.long) for level, shape in code_shapes.items()},
+            torch.zeros(batch, dtype=torch.long) if config.get('num_classes') else None))
+        model = build_model(kind, config)
+    except ConfigError as e:
+        raise UserError(f'the {kind} prior cannot be built: {e}') from e
 
     # Codes and training
     splits, vq_sha256 = load_codes(vq_model, vq_path, data, vq_model.image_size, args, rank, device)

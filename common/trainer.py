@@ -111,12 +111,16 @@ class EpochBatchSampler(Sampler):
             yield order[first:first + self.local_batch].tolist()
 
 
-def build_lr_scheduler(optimizer, schedule, total_steps):
-    """Constant, or cosine decay to zero over `total_steps`; a LambdaLR whose state goes into checkpoints."""
+def build_lr_scheduler(optimizer, schedule, total_steps, progress=None):
+    """Constant, or cosine decay to zero over the run; a LambdaLR whose state goes into checkpoints.
+
+    The run's progress is step / `total_steps`, or `progress()` (the fraction of a time budget spent) when further.
+    """
     if schedule == 'constant':
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)))
+    time_fraction = progress or (lambda: 0.0)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(
+        1.0, max(step / total_steps, time_fraction())))))
 
 
 # Flags that fix the data order and the optimisation; --resume takes them from the checkpoint, so that a resumed run
@@ -188,16 +192,18 @@ class Trainer:
                                      batch_size=max(1, args.batch_size // world_size), num_workers=args.num_workers)
         self.steps_per_epoch = len(task.train_set) // args.batch_size
         self.total_steps = min(args.max_steps or math.inf, self.steps_per_epoch * args.epochs)
-        # AdamW with decoupled weight decay on the groups a model names; plain Adam when there is none.
-        if task.optimizer_groups is not None and task.weight_decay > 0:
-            self.optimizer = torch.optim.AdamW(task.optimizer_groups(task.weight_decay), lr=args.lr)
+        # AdamW with decoupled weight decay on the groups a model names (else on every weight); plain Adam without.
+        if task.weight_decay > 0:
+            groups = task.optimizer_groups(task.weight_decay) if task.optimizer_groups is not None else \
+                [{'params': list(self.raw_model.parameters()), 'weight_decay': task.weight_decay}]
+            self.optimizer = torch.optim.AdamW(groups, lr=args.lr)
         else:
             self.optimizer = torch.optim.Adam(self.raw_model.parameters(), lr=args.lr)
-        self.scheduler = build_lr_scheduler(self.optimizer, args.lr_schedule, self.total_steps)
+        self.train_seconds, self.out_of_time, self.epoch_started = 0.0, False, None
+        self.scheduler = build_lr_scheduler(self.optimizer, args.lr_schedule, self.total_steps, self.progress)
         self.scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
         self.epoch, self.step, self.batch_in_epoch, self.best_score, self.run_id = 0, 0, 0, math.inf, None
         self.metrics, self.skipped = {}, 0
-        self.train_seconds, self.out_of_time = 0.0, False
 
     def restore(self, state):
         """Continue from a last.pth: weights, optimizer, schedule, scaler, position, best score and RNG."""
@@ -251,7 +257,7 @@ class Trainer:
         self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
         bar = tqdm(self.loader, desc=f'epoch {self.epoch + 1}/{args.epochs}', disable=not self.is_main,
                    dynamic_ncols=True, initial=self.batch_in_epoch, total=self.steps_per_epoch)
-        started = time.time()
+        started = self.epoch_started = time.time()
         for batch in bar:
             done += 1
             step_metrics = self.train_step(batch)
@@ -275,6 +281,12 @@ class Trainer:
                             f'has diverged: resume from an earlier checkpoint with a lower --lr, or use --amp none')
         self.train_means = {k: v / max(count, 1) for k, v in sums.items()}
         return count
+
+    def progress(self):
+        """The fraction of --max_minutes spent (0 without a budget), so that a cosine schedule ends with the budget."""
+        if self.args.max_minutes is None or self.epoch_started is None:
+            return 0.0
+        return (self.train_seconds + time.time() - self.epoch_started) / (60 * self.args.max_minutes)
 
     def time_is_up(self, seconds_this_epoch):
         """Whether --max_minutes of training time are spent; every rank takes rank 0's answer."""

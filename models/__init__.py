@@ -67,7 +67,8 @@ def load_model(path, device='cpu', kinds=None):
 
 
 __all__ = ['VQVAE', 'VQVAE2', 'VectorQuantizer', 'MaskedConv2d', 'GatedResBlock', 'PixelCNN', 'HierarchicalPixelCNN',
-           'TransformerPrior', 'HierarchicalTransformerPrior', 'TRANSFORMER_PRESETS', 'CodePrior', 'VQConfig', 'build_model', 'count_parameters', 'load_model', 'model_from_checkpoint',
-           'load_checkpoint', 'save_checkpoint', 'file_sha256', 'atomic_save', 'sample_from_logits',
-           'code_statistics', 'CheckpointError', 'ConfigError', 'MODELS', 'VQ_KINDS', 'PRIOR_KINDS', 'VQ_PRESETS',
-           'VQVAE_PRESETS', 'VQVAE2_PRESETS', 'PRIOR_PRESETS']
+           'TransformerPrior', 'HierarchicalTransformerPrior', 'TRANSFORMER_PRESETS', 'CodePrior', 'VQConfig',
+           'build_model', 'count_parameters', 'load_model', 'model_from_checkpoint', 'load_checkpoint',
+           'save_checkpoint', 'file_sha256', 'atomic_save', 'sample_from_logits', 'code_statistics', 'CheckpointError',
+           'ConfigError', 'MODELS', 'VQ_KINDS', 'PRIOR_KINDS', 'VQ_PRESETS', 'VQVAE_PRESETS', 'VQVAE2_PRESETS',
+           'PRIOR_PRESETS']

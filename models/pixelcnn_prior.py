@@ -239,11 +239,12 @@ class PixelCNN(CodePrior):
     """Single-level prior: codes [B, H, W] -> embedding -> gated layers -> logits [B, num_embeddings, H, W]."""
 
     kind = 'pixelcnn'
+    config_class = PixelCNNConfig
     levels = ('flat',)
 
     def __init__(self, **config):
         super().__init__()
-        cfg = PixelCNNConfig.from_dict(config)
+        cfg = self.config_class.from_dict(config)
         self.config = cfg.to_dict()
         self.num_embeddings = cfg.num_embeddings
         self.num_classes = cfg.num_classes
@@ -384,11 +385,12 @@ class HierarchicalPixelCNN(CodePrior):
     """
 
     kind = 'hierarchical_pixelcnn'
+    config_class = HierarchicalPixelCNNConfig
     levels = ('top', 'bottom')
 
     def __init__(self, **config):
         super().__init__()
-        cfg = HierarchicalPixelCNNConfig.from_dict(config)
+        cfg = self.config_class.from_dict(config)
         cfg.cond_channels = cfg.cond_channels or cfg.hidden_channels
         self.config = cfg.to_dict()
         self.num_embeddings = cfg.num_embeddings

@@ -314,11 +314,12 @@ class TransformerPrior(CodePrior):
     """Flat prior for a VQ-VAE: one causal transformer over the code grid in raster order."""
 
     kind = 'transformer'
+    config_class = TransformerConfig
     levels = ('flat',)
 
     def __init__(self, **config):
         super().__init__()
-        cfg = TransformerConfig.from_dict(config)
+        cfg = self.config_class.from_dict(config)
         self.config = cfg.to_dict()
         self.num_embeddings = cfg.num_embeddings
         self.num_classes = cfg.num_classes
@@ -381,11 +382,12 @@ class HierarchicalTransformerPrior(CodePrior):
     """
 
     kind = 'hierarchical_transformer'
+    config_class = HierarchicalTransformerConfig
     levels = ('top', 'bottom')
 
     def __init__(self, **config):
         super().__init__()
-        cfg = HierarchicalTransformerConfig.from_dict(config)
+        cfg = self.config_class.from_dict(config)
         self.config = cfg.to_dict()
         self.num_embeddings = cfg.num_embeddings
         self.num_classes = cfg.num_classes

@@ -111,9 +111,11 @@ class VQConfig(ModelConfig):
 class VQModel(nn.Module):
     """What VQ-VAE and VQ-VAE-2 share: the checked config and the sizes read from it."""
 
+    config_class = VQConfig
+
     def __init__(self, config):
         super().__init__()
-        self.cfg = VQConfig.from_dict(config)
+        self.cfg = self.config_class.from_dict(config)
         self.config = self.cfg.to_dict()
         self.num_embeddings = self.cfg.num_embeddings
         self.image_size = self.cfg.image_size
