@@ -88,8 +88,8 @@ def run_evaluations(args, commands):
     results, env = {}, {**os.environ, 'WANDB_MODE': 'disabled', 'OMP_NUM_THREADS': '1'}
     first, *rest = commands
     for batch in [[first]] + [rest[i:i + 2] for i in range(0, len(rest), 2)]:
-        started = [(name, subprocess.Popen(command, cwd=ROOT, env=env,
-                                           stdout=subprocess.DEVNULL if args.quiet else None)) for name, command in batch]
+        started = [(name, subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL if args.quiet else None))
+                   for name, command in batch]
         for name, process in started:
             if process.wait() != 0:
                 raise SystemExit(f'error: evaluate.py failed for {name}')
@@ -127,7 +127,8 @@ def fmt(value, digits=3):
 def markdown(evals, wall, conditional_family):
     """The results table as Markdown."""
     lines = ['| VQ model | prior | test MSE | PSNR (dB) | bits/code (levels) | bits/dim (latent + decoder) | FID | KID | '
-             'precision | recall | CAS (real) | train s (prior) |', '|---|---|---|---|---|---|---|---|---|---|---|---|']
+             'precision | recall | CAS (real) | train s (prior) |',
+             '|---|---|---|---|---|---|---|---|---|---|---|---|']
     rows = [('vq_vae', 'prior_vqvae', 'pixelcnn'), ('vq_vae2', 'prior_vqvae2', 'pixelcnn'),
             ('vq_vae2', 'prior_vqvae2_transformer', 'transformer'),
             ('vq_vae2', 'prior_vqvae2_classes', f'{conditional_family}, class-conditional')]
@@ -197,7 +198,8 @@ if __name__ == '__main__':
                         help='training images for stage 1, with --num_val; for smoke runs (default: all 55000)')
     parser.add_argument('--num_val', type=int, default=500, help='validation images with --num_train (default: 500)')
     parser.add_argument('--num_test', type=int, default=None,
-                        help='test images to evaluate on, for smoke runs (default: all 10000)')
+                        help='real test images the sample scores compare with (evaluate.py --num_real), for smoke '
+                             'runs; reconstruction and bits/dim always use the whole test split (default: all 10000)')
     parser.add_argument('--num_samples', type=int, default=10000,
                         help='samples each evaluation generates and scores (default: 10000)')
     parser.add_argument('--eval_flags', nargs=argparse.REMAINDER, default=[],
