@@ -88,8 +88,8 @@ def run_evaluations(args, commands):
     results, env = {}, {**os.environ, 'WANDB_MODE': 'disabled', 'OMP_NUM_THREADS': '1'}
     first, *rest = commands
     for batch in [[first]] + [rest[i:i + 2] for i in range(0, len(rest), 2)]:
-        started = [(name, subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL if args.quiet else None))
-                   for name, command in batch]
+        output = subprocess.DEVNULL if args.quiet else None
+        started = [(name, subprocess.Popen(command, cwd=ROOT, env=env, stdout=output)) for name, command in batch]
         for name, process in started:
             if process.wait() != 0:
                 raise SystemExit(f'error: evaluate.py failed for {name}')
@@ -126,8 +126,8 @@ def fmt(value, digits=3):
 
 def markdown(evals, wall, conditional_family):
     """The results table as Markdown."""
-    lines = ['| VQ model | prior | test MSE | PSNR (dB) | bits/code (levels) | bits/dim (latent + decoder) | FID | KID | '
-             'precision | recall | CAS (real) | train s (prior) |',
+    lines = ['| VQ model | prior | test MSE | PSNR (dB) | bits/code (levels) | bits/dim (latent + decoder) | FID | '
+             'KID | precision | recall | CAS (real) | train s (prior) |',
              '|---|---|---|---|---|---|---|---|---|---|---|---|']
     rows = [('vq_vae', 'prior_vqvae', 'pixelcnn'), ('vq_vae2', 'prior_vqvae2', 'pixelcnn'),
             ('vq_vae2', 'prior_vqvae2_transformer', 'transformer'),
