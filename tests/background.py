@@ -315,8 +315,8 @@ def fashion_recipe(folder, data_dir):
         if script is None:
             return real_run(command, cwd=cwd, check=check, **kwargs)
         result = run_here(script, cwd)
-        if check and result.returncode != 0:
-            raise subprocess.CalledProcessError(result.returncode, command, result.stdout, result.stderr)
+        if check and result.returncode != 0:  # what CalledProcessError would hide: the run's stderr
+            raise RuntimeError(f'{script} exited with {result.returncode}:\n{result.stderr[-3000:]}')
         return result
 
     class Popen:
