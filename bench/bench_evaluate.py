@@ -13,7 +13,6 @@ target: at most 2 minutes for everything after the classifier is cached, on 2 CP
 """
 
 import os
-import platform
 import sys
 import tempfile
 import time

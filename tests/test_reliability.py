@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 
 import numpy as np
 import pytest
@@ -23,7 +24,7 @@ import torch
 from PIL import Image
 
 from common.cli import run_main
-from helpers import REPO, TINY_STAGE1, assert_one_line_error, finish, script_env, start_script
+from helpers import TINY_STAGE1, assert_one_line_error, finish, script_env, start_script
 from models import CheckpointError, load_checkpoint, load_model, sample_from_logits, save_checkpoint
 
 TINY_PRIOR = ['--hidden_channels', '8', '--num_layers', '2', '--embedding_dim', '8', '--batch_size', '32',
@@ -81,58 +82,81 @@ def tampered(state, path, **changes):
 # ----------------------------------------------------------------------------------------------------------------
 # 1. One run per output folder
 
-SLOW_FSYNC = '''import os, time
-_fsync = os.fsync
-def fsync(fd):
-    time.sleep(float(os.environ['SLOW_FSYNC_S']))
-    return _fsync(fd)
-os.fsync = fsync
-'''
+def fork_stage1(argv, log_path, before=None):
+    """Run main.py's main with `argv` in a fork of this process (torch is imported already, so it starts at once);
+    its stdout and stderr go to `log_path`. Returns the child's pid; it exits with the script's exit status."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            sys.stdout = open(1, 'w', buffering=1, closefd=False)
+            sys.stderr = open(2, 'w', buffering=1, closefd=False)
+            if before is not None:
+                before()
+            module = importlib.import_module('main')
+            run_main(module.main, module.build_parser().parse_args([str(a) for a in argv]))
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    return pid
+
+
+def wait_exit_status(pid, timeout=300):
+    """The exit status of a forked child (waiting up to `timeout` seconds)."""
+    deadline = time.time() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        assert time.time() < deadline, 'the forked run hangs'
+        time.sleep(0.1)
+
+
+def wait_for(path, pid, timeout=120):
+    """Wait until `path` exists, while the child `pid` still runs."""
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert time.time() < deadline and os.waitpid(pid, os.WNOHANG)[0] == 0, 'the run ended or hangs'
+        time.sleep(0.05)
+
+
+def slow_fsync():
+    """In the child: every fsync sleeps a second first, so each save stays half-written for a while."""
+    fsync = os.fsync
+    os.fsync = lambda fd: (time.sleep(1.0), fsync(fd))[1]
 
 
 def test_a_second_run_in_a_live_runs_folder_refuses_and_the_first_one_finishes(tmp_path):
-    # The first run's saves are slowed down (sitecustomize patches os.fsync), so it is surely mid-save, with a
-    # .tmp_*.pth in the folder, when the second run starts in the same folder.
-    hooks = tmp_path / 'hooks'
-    hooks.mkdir()
-    (hooks / 'sitecustomize.py').write_text(SLOW_FSYNC)
+    # The first run's saves are slowed down, so it is surely mid-save, with a .tmp_*.pth in the folder, when the
+    # second run starts in the same folder.
     out_dir = tmp_path / 'run'
-    env = script_env(PYTHONPATH=str(hooks), SLOW_FSYNC_S='2')
-    # Saving every 3 steps keeps the first run alive (and mostly mid-save) for over 20 s, longer than the second
-    # run takes to start even on a busy machine.
-    first = subprocess.Popen([sys.executable, 'main.py', *TINY_STAGE1, '--save_every_steps', '3', '--out_dir',
-                              out_dir], cwd=REPO, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = fork_stage1([*TINY_STAGE1, '--save_every_steps', '10', '--out_dir', out_dir], tmp_path / 'first.log',
+                        before=slow_fsync)
     deadline = time.time() + 120
     while not any(n.startswith('.tmp_') for n in (os.listdir(out_dir) if out_dir.exists() else [])):
-        assert time.time() < deadline and first.poll() is None, first.communicate()
-        time.sleep(0.2)
-    second = start_script(['main.py', *TINY_STAGE1, '--out_dir', out_dir])
-    stdout, stderr = second.communicate(timeout=120)
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert second.returncode == 2 and len(lines) == 1, stderr
-    assert 'in use by another run' in lines[0] and f'process {first.pid}' in lines[0]
-    _, first_err = first.communicate(timeout=300)
-    assert first.returncode == 0, first_err[-2000:]
+        assert time.time() < deadline and os.waitpid(first, os.WNOHANG)[0] == 0
+        time.sleep(0.05)
+    line = one_line_error('main', [*TINY_STAGE1, '--out_dir', out_dir])
+    assert 'in use by another run' in line and f'process {first}' in line
+    assert any(n.startswith('.tmp_') for n in os.listdir(out_dir))  # the live run's save was left alone
+    assert wait_exit_status(first) == 0, (tmp_path / 'first.log').read_text()[-2000:]
     assert load_checkpoint(str(out_dir / 'last.pth'))['step'] == 30
-
-
-def start_long_run(out_dir):
-    """Start a stage-1 run that goes on for minutes, and return it once it has written last.pth."""
-    process = start_script(['main.py', *TINY_STAGE1, '--max_steps', '100000', '--epochs', '50', '--out_dir',
-                            out_dir])
-    deadline = time.time() + 120
-    while not (out_dir / 'last.pth').exists():
-        assert time.time() < deadline and process.poll() is None
-        time.sleep(0.2)
-    return process
 
 
 def test_resume_in_the_folder_of_a_killed_run_works(tmp_path):
     out_dir = tmp_path / 'run'
-    process = start_long_run(out_dir)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    pid = fork_stage1([*TINY_STAGE1, '--max_steps', '100000', '--epochs', '50', '--out_dir', out_dir],
+                      tmp_path / 'run.log')
+    wait_for(out_dir / 'last.pth', pid)
+    os.kill(pid, signal.SIGKILL)
+    wait_exit_status(pid)
     code, lines = run('main', ['--resume', out_dir / 'last.pth', '--epochs', '2', '--max_steps', '35'])
     assert code == 0, lines
     assert load_checkpoint(str(out_dir / 'last.pth'))['step'] == 35
@@ -140,12 +164,15 @@ def test_resume_in_the_folder_of_a_killed_run_works(tmp_path):
 
 def test_sigint_stops_with_one_line_naming_the_last_checkpoint(tmp_path):
     out_dir = tmp_path / 'run'
-    process = start_long_run(out_dir)
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
-    lines = [line for line in stderr.splitlines() if line.strip() and '\r' not in line
-             and not line.startswith('epoch ')]
-    assert process.returncode == 130 and 'Traceback' not in stderr, stderr[-2000:]
+    pid = fork_stage1([*TINY_STAGE1, '--max_steps', '100000', '--epochs', '50', '--out_dir', out_dir],
+                      tmp_path / 'run.log')
+    wait_for(out_dir / 'last.pth', pid)
+    os.kill(pid, signal.SIGINT)
+    assert wait_exit_status(pid, 60) == 130
+    log = (tmp_path / 'run.log').read_text()
+    lines = [line for line in log.replace('\r', '\n').splitlines() if line.strip() and not line.startswith('epoch')
+             and not line.startswith(('vq_vae', 'final'))]
+    assert 'Traceback' not in log, log[-2000:]
     assert len(lines) == 1 and str(out_dir / 'last.pth') in lines[0], lines
 
 
