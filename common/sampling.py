@@ -137,19 +137,22 @@ def generate(vq_model, prior, args, labels, device, indices, show_progress=True)
     images whatever the batch size and however many processes share the work.
     """
     shapes = vq_model.level_shapes()
+    rows = sum(height for height, _ in shapes.values())  # code rows per sample, over all levels
     images, codes = [], {}
-    with tqdm(total=len(indices), desc='sampling', unit='image', dynamic_ncols=True,
-              disable=not show_progress) as bar:
+    # Progress in rows of codes: one batch of large grids takes minutes, which a per-batch bar would not show.
+    with tqdm(total=len(indices) * rows, desc='sampling', unit='row', unit_scale=1 / rows, dynamic_ncols=True,
+              disable=not show_progress, bar_format='{l_bar}{bar}| {n:.1f}/{total:.0f} images [{elapsed}<{remaining}]'
+              ) as bar:
         for start in range(0, len(indices), args.batch_size):
             batch = indices[start:start + args.batch_size]
             generators = [torch.Generator().manual_seed(sample_seed(args.seed, index)) for index in batch]
             batch_labels = None if labels is None else labels[list(batch)].to(device)
             batch_codes = prior.sample_levels(len(batch), shapes, args.temperature, args.top_k, args.top_p,
-                                              batch_labels, generators, cached=not args.naive)
+                                              batch_labels, generators, cached=not args.naive,
+                                              on_row=lambda: bar.update(len(batch)))
             images.append(vq_model.decode_level_codes(batch_codes).float().cpu())
             for level, value in batch_codes.items():
                 codes.setdefault(codes_file_key(level), []).append(value.cpu())
-            bar.update(len(batch))
     return torch.cat(images), {name: torch.cat(values) for name, values in codes.items()}
 
 

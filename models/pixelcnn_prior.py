@@ -274,25 +274,30 @@ class PixelCNN(CodePrior):
 
     @torch.no_grad()
     def sample(self, batch_size, shape, temperature=1.0, top_k=None, class_labels=None, cond=None, generator=None,
-               cached=True, top_p=None):
-        """Sample codes [B, H, W] in raster order; `cached=False` runs one full forward pass per position."""
+               cached=True, top_p=None, on_row=None):
+        """Sample codes [B, H, W] in raster order; `cached=False` runs one full forward pass per position.
+
+        `on_row()`, if given, is called after each finished row (for progress bars).
+        """
         check_sampling_args(temperature, top_k, top_p)
         device = self.embedding.weight.device
         class_labels = class_tensor(class_labels, batch_size, device)
         codes = torch.zeros(batch_size, *shape, dtype=torch.long, device=device)
         draw = lambda logits: sample_from_logits(logits, temperature, top_k, generator, top_p)  # noqa: E731
         if cached:
-            return self._sample_cached(codes, cond, class_labels, draw)
+            return self._sample_cached(codes, cond, class_labels, draw, on_row)
         for i in range(shape[0]):
             for j in range(shape[1]):
                 codes[:, i, j] = draw(self(codes, cond, class_labels)[:, :, i, j])
+            if on_row is not None:
+                on_row()
         return codes
 
     def sample_levels(self, batch_size, shapes, temperature=1.0, top_k=None, top_p=None, class_labels=None,
-                      generator=None, cached=True):
+                      generator=None, cached=True, on_row=None):
         """{'flat': codes [B, H, W]} on the grid shapes['flat']."""
         return {'flat': self.sample(batch_size, shapes['flat'], temperature, top_k, class_labels, generator=generator,
-                                    cached=cached, top_p=top_p)}
+                                    cached=cached, top_p=top_p, on_row=on_row)}
 
     @torch.no_grad()
     def sample_with_vqvae(self, vqvae, batch_size, device=None, temperature=1.0, top_k=None, class_labels=None,
@@ -301,7 +306,7 @@ class PixelCNN(CodePrior):
         return self.sample_with_vq(vqvae, batch_size, device, temperature, top_k, top_p, class_labels, generator,
                                    cached)
 
-    def _sample_cached(self, codes, cond, class_labels, draw):
+    def _sample_cached(self, codes, cond, class_labels, draw, on_row=None):
         """Fill `codes` [B, H, W] position by position, computing each layer only where the new position needs it.
 
         Row i of the vertical stack depends on rows < i only, so it is computed once when row i starts; the
@@ -358,6 +363,8 @@ class PixelCNN(CodePrior):
                 code = draw(self.head.step(h))
                 codes[:, i, j] = code
                 x_buf[:, :, i + p0, j + p0] = self.embedding(code)
+            if on_row is not None:
+                on_row()
         return codes
 
 
@@ -426,20 +433,20 @@ class HierarchicalPixelCNN(CodePrior):
 
     @torch.no_grad()
     def sample(self, batch_size, top_shape, bottom_shape, temperature=1.0, top_k=None, class_labels=None,
-               generator=None, cached=True, top_p=None):
+               generator=None, cached=True, top_p=None, on_row=None):
         """Sample the top codes, then the bottom codes given them: (codes_top [B, h, w], codes_bottom [B, H, W])."""
         codes_top = self.prior_top.sample(batch_size, top_shape, temperature, top_k, class_labels,
-                                          generator=generator, cached=cached, top_p=top_p)
+                                          generator=generator, cached=cached, top_p=top_p, on_row=on_row)
         cond = self.conditioner(codes_top, bottom_shape)
         codes_bottom = self.prior_bottom.sample(batch_size, bottom_shape, temperature, top_k, class_labels, cond,
-                                                generator=generator, cached=cached, top_p=top_p)
+                                                generator=generator, cached=cached, top_p=top_p, on_row=on_row)
         return codes_top, codes_bottom
 
     def sample_levels(self, batch_size, shapes, temperature=1.0, top_k=None, top_p=None, class_labels=None,
-                      generator=None, cached=True):
+                      generator=None, cached=True, on_row=None):
         """{'top': codes, 'bottom': codes} on the grids `shapes`."""
         codes = self.sample(batch_size, shapes['top'], shapes['bottom'], temperature, top_k, class_labels, generator,
-                            cached, top_p)
+                            cached, top_p, on_row)
         return dict(zip(self.levels, codes))
 
     @torch.no_grad()

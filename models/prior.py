@@ -11,7 +11,7 @@ VQ model and every prior speaks of them the same way, as dicts keyed by level na
     prior.levels                       the same names as its VQ model's
     prior.level_logits(codes, class_labels, levels)    {level: logits [B, K, h, w]} for the asked levels
     prior.level_losses(codes, class_labels, levels, reduction)   {level: cross-entropy in nats}
-    prior.sample_levels(batch_size, shapes, ...)       {level: codes [B, h, w]}
+    prior.sample_levels(batch_size, shapes, ...)       {level: codes [B, h, w]} (on_row: a progress hook)
     prior.sample_with_vq(vq_model, batch_size, ...)    decoded images [B, C, S, S] in [-1, 1]
 
 A prior family implements `level_logits` and `sample_levels`; `CodePrior` derives the rest from them.
@@ -93,8 +93,11 @@ class CodePrior(nn.Module):
         raise NotImplementedError
 
     def sample_levels(self, batch_size, shapes, temperature=1.0, top_k=None, top_p=None, class_labels=None,
-                      generator=None, cached=True):
-        """Sample every level in order on the grids `shapes` {level: (h, w)}: {level: codes [B, h, w]}."""
+                      generator=None, cached=True, on_row=None):
+        """Sample every level in order on the grids `shapes` {level: (h, w)}: {level: codes [B, h, w]}.
+
+        `on_row()`, if given, is called after each finished row of each level (for progress bars).
+        """
         raise NotImplementedError
 
     @property

@@ -258,8 +258,11 @@ class CodeTransformer(nn.Module):
 
     @torch.no_grad()
     def sample(self, batch_size, shape, temperature=1.0, top_k=None, top_p=None, class_labels=None, context=None,
-               generator=None, cached=True):
-        """Sample codes [B, H, W] in raster order, in eval mode; `cached=False` runs one forward pass per position."""
+               generator=None, cached=True, on_row=None):
+        """Sample codes [B, H, W] in raster order, in eval mode; `cached=False` runs one forward pass per position.
+
+        `on_row()`, if given, is called after each finished row (for progress bars).
+        """
         height, width = shape
         length = height * width
         codes = torch.zeros(batch_size, height, width, dtype=torch.long, device=self.start.device)
@@ -269,6 +272,8 @@ class CodeTransformer(nn.Module):
                 for t in range(length):
                     logits = self(codes, class_labels, context).flatten(2)[:, :, t]  # (B, K)
                     flat[:, t] = sample_from_logits(logits, temperature, top_k, generator, top_p)
+                    if on_row is not None and (t + 1) % width == 0:
+                        on_row()
                 return codes
 
             bias = self.conditioning(height, width, class_labels, context).expand(batch_size, -1, -1)  # (B, T, C)
@@ -279,6 +284,8 @@ class CodeTransformer(nn.Module):
             for t in range(length):
                 code = sample_from_logits(self.step(x, cache, t), temperature, top_k, generator, top_p)
                 flat[:, t] = code
+                if on_row is not None and (t + 1) % width == 0:
+                    on_row()
                 if t + 1 < length:
                     x = self.code_embedding(code) + bias[:, t + 1]
         return codes
@@ -346,18 +353,18 @@ class TransformerPrior(CodePrior):
 
     @torch.no_grad()
     def sample(self, batch_size, shape, temperature=1.0, top_k=None, class_labels=None, generator=None, cached=True,
-               top_p=None):
+               top_p=None, on_row=None):
         """Sample codes [B, H, W] in raster order; `cached=False` runs one full forward pass per position."""
         check_sampling_args(temperature, top_k, top_p)
         class_labels = class_tensor(class_labels, batch_size, self.device)
         return self.transformer.sample(batch_size, shape, temperature, top_k, top_p, class_labels,
-                                       generator=generator, cached=cached)
+                                       generator=generator, cached=cached, on_row=on_row)
 
     def sample_levels(self, batch_size, shapes, temperature=1.0, top_k=None, top_p=None, class_labels=None,
-                      generator=None, cached=True):
+                      generator=None, cached=True, on_row=None):
         """{'flat': (H, W)} -> {'flat': codes [B, H, W]}."""
         return {'flat': self.sample(batch_size, shapes['flat'], temperature, top_k, class_labels, generator, cached,
-                                    top_p)}
+                                    top_p, on_row)}
 
     @torch.no_grad()
     def sample_with_vqvae(self, vqvae, batch_size, device=None, temperature=1.0, top_k=None, class_labels=None,
@@ -430,23 +437,23 @@ class HierarchicalTransformerPrior(CodePrior):
 
     @torch.no_grad()
     def sample(self, batch_size, top_shape, bottom_shape, temperature=1.0, top_k=None, class_labels=None,
-               generator=None, cached=True, top_p=None):
+               generator=None, cached=True, top_p=None, on_row=None):
         """Sample the top codes, then the bottom codes given them: (codes_top [B, h, w], codes_bottom [B, H, W])."""
         check_sampling_args(temperature, top_k, top_p)
         class_labels = class_tensor(class_labels, batch_size, self.device)
         codes_top = self.transformer_top.sample(batch_size, top_shape, temperature, top_k, top_p, class_labels,
-                                                generator=generator, cached=cached)
+                                                generator=generator, cached=cached, on_row=on_row)
         with evaluating(self.top_encoder):
             context = self.top_encoder(codes_top, bottom_shape)
         codes_bottom = self.transformer_bottom.sample(batch_size, bottom_shape, temperature, top_k, top_p,
-                                                      class_labels, context, generator, cached)
+                                                      class_labels, context, generator, cached, on_row)
         return codes_top, codes_bottom
 
     def sample_levels(self, batch_size, shapes, temperature=1.0, top_k=None, top_p=None, class_labels=None,
-                      generator=None, cached=True):
+                      generator=None, cached=True, on_row=None):
         """{'top': (h, w), 'bottom': (H, W)} -> {'top': codes [B, h, w], 'bottom': codes [B, H, W]}."""
         codes_top, codes_bottom = self.sample(batch_size, shapes['top'], shapes['bottom'], temperature, top_k,
-                                              class_labels, generator, cached, top_p)
+                                              class_labels, generator, cached, top_p, on_row)
         return {'top': codes_top, 'bottom': codes_bottom}
 
     @torch.no_grad()
