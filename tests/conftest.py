@@ -75,6 +75,13 @@ def samples(stage1, priors, tmp_path_factory):
     return {name: run_ok(sampling_args(name, stage1, priors), folder / name) for name in SAMPLE_RUNS}
 
 
+@pytest.fixture(scope='session')
+def classifier_dir(tmp_path_factory):
+    """One --classifier_dir for the session's evaluate.py runs: with the same tiny classifier settings everywhere,
+    evaluate.py trains each image size's classifier once and reads it back from this cache afterwards."""
+    return tmp_path_factory.mktemp('classifiers')
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Background runs: real processes, and long in-process runs in forks of this process (see background.py)
 

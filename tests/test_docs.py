@@ -26,8 +26,7 @@ import subprocess
 import pytest
 import torch
 
-from common.cli import run_main
-from helpers import REPO, TINY_STAGE1, finish, script_env
+from helpers import REPO, assert_succeeded, finish, run_in_process, run_ok, script_env
 
 DOCS = ('README.md', 'QUICKSTART_PIXELCNN.md', 'PIXELCNN_PRIOR_README.md')
 MAX_REFERENCE_LINES = 700
@@ -38,24 +37,18 @@ DISGUISED = {'py', 'python3', 'pycon', 'sh', 'shell', 'console', 'zsh', 'shell-s
 TORCHRUN_FLAGS = {'--nproc_per_node', '--nnodes', '--node_rank', '--master_addr', '--master_port'}
 LEVELS = ('flat', 'top', 'bottom')
 
-# Tiny runs of the real scripts: a full epoch of 4 steps for stage 1, 2 steps for stage 2.
-STAGE1 = TINY_STAGE1 + ['--num_train', '64', '--num_val', '16', '--max_steps', '4']
+# The docs' paths (relative to the workspace) -> the session fixture run whose files stand there (conftest.py):
+# (fixture, run name). The session has no unconditional VQ-VAE-2 prior: PRIOR trains one in the workspace.
+SESSION_RUNS = {
+    'runs/vq_vae2': ('stage1', 'vq_vae2'),
+    'runs/cifar10/vq_vae': ('stage1', 'vq_vae'),
+    'runs/cifar10/prior': ('priors', 'hierarchical'),  # class-conditional, on runs/vq_vae2
+    'runs/cifar10/prior_vqvae': ('priors', 'flat'),
+    'runs/cifar10/samples': ('samples', 'hierarchical'),  # codes.pt of runs/cifar10/prior
+}
+# Two steps of an unconditional prior on the session's VQ-VAE-2 (whose codes the session cached already).
 PRIOR = ['--hidden_channels', '8', '--num_layers', '2', '--embedding_dim', '8', '--batch_size', '16', '--epochs', '1',
          '--max_steps', '2', '--num_epoch_samples', '0', '--device', 'cpu']
-# (script, arguments) in order; paths are relative to the workspace, as in the docs.
-RUNS = [
-    ('main', STAGE1 + ['--arch', 'vq_vae2', '--out_dir', 'runs/vq_vae2']),
-    ('main', STAGE1 + ['--arch', 'vq_vae', '--out_dir', 'runs/cifar10/vq_vae']),
-    ('train_pixelcnn_vqvae2', PRIOR + ['--vqvae2_checkpoint', 'runs/vq_vae2/best.pth', '--out_dir',
-                                       'runs/prior_vqvae2']),
-    ('train_pixelcnn_vqvae2', PRIOR + ['--vqvae2_checkpoint', 'runs/cifar10/vq_vae2/best.pth', '--class_conditional',
-                                       '--out_dir', 'runs/cifar10/prior']),
-    ('train_pixelcnn_vqvae', PRIOR + ['--vqvae_checkpoint', 'runs/cifar10/vq_vae/best.pth', '--class_conditional',
-                                      '--out_dir', 'runs/cifar10/prior_vqvae']),
-    ('generate_samples_pixelcnn_vqvae2', ['--vqvae2_checkpoint', 'runs/cifar10/vq_vae2/best.pth', '--prior_checkpoint',
-                                          'runs/cifar10/prior/best.pth', '--num_samples', '4', '--device', 'cpu',
-                                          '--out_dir', 'runs/cifar10/samples']),
-]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -260,42 +253,70 @@ def check_imports(code, where):
 # Fixtures: a workspace with tiny checkpoints where the docs expect them, and the runnable bash blocks started early
 
 @pytest.fixture(scope='module')
-def workspace(tmp_path_factory):
-    """A scratch folder that looks like the repo root (its files linked) with tiny runs at the docs' paths."""
+def workspace(tmp_path_factory, stage1, priors, samples):
+    """A scratch folder that looks like the repo root (its files linked) with tiny runs at the docs' paths: the
+    session's checkpoints, linked file by file (the folders are real, so os.walk finds their metrics.jsonl)."""
     root = tmp_path_factory.mktemp('docs')
     for name in os.listdir(REPO):
         if name not in ('runs', 'data', 'samples', 'wandb', '.git'):
             os.symlink(os.path.join(REPO, name), root / name)
-    os.makedirs(root / 'runs' / 'cifar10')
+    fixtures = {'stage1': stage1, 'priors': priors, 'samples': samples}
+    for path, (fixture, name) in SESSION_RUNS.items():
+        source = fixtures[fixture][name].out_dir
+        os.makedirs(root / path)
+        for entry in os.listdir(source):
+            os.symlink(source / entry, root / path / entry)
     os.symlink(os.path.join('..', 'vq_vae2'), root / 'runs' / 'cifar10' / 'vq_vae2')  # the same stage-1 run
-    threads, cwd = torch.get_num_threads(), os.getcwd()
-    torch.set_num_threads(1)
-    os.chdir(root)
-    try:
-        for script, argv in RUNS:
-            module = importlib.import_module(script)
-            output = io.StringIO()
-            with contextlib.redirect_stderr(output), contextlib.redirect_stdout(output):
-                try:
-                    run_main(module.main, module.build_parser().parse_args(argv))
-                except SystemExit as e:
-                    raise AssertionError(f'{script} {" ".join(argv)} failed:\n{output.getvalue()[-3000:]}') from e
-    finally:
-        os.chdir(cwd)
-        torch.set_num_threads(threads)
+    run_ok(['train_pixelcnn_vqvae2.py', *PRIOR, '--vqvae2_checkpoint', stage1['vq_vae2'].path()],
+           root / 'runs' / 'prior_vqvae2')
     return root
+
+
+def in_process_commands(code):
+    """The commands of a bash block as token lists if every one of them is `python script.py ...` or `python -c ...`
+    with nothing for the shell to do (no pipes, redirections, variables or globs); else None."""
+    commands = []
+    for line in code.replace('\\\n', ' ').splitlines():
+        lexer = shlex.shlex(line, posix=True, punctuation_chars=';&|<>()')
+        lexer.whitespace_split, lexer.commenters = True, '#'
+        tokens = list(lexer)
+        if not tokens:
+            continue
+        code = python_c_code(tokens)
+        if tokens[0] != 'python' or code is None and script_call(tokens) is None:
+            return None
+        if code is None and any(set(token) & set(';&|<>()$*?`~') for token in tokens):
+            return None
+        commands.append(tokens)
+    return commands
+
+
+def run_python_c(code, cwd):
+    """`python -c code` in this process: a CompletedProcess with its stdout."""
+    output, saved = io.StringIO(), os.getcwd()
+    try:
+        os.chdir(cwd)
+        with contextlib.redirect_stdout(output):
+            exec(compile(code, '<string>', 'exec'), {'__name__': '__main__'})
+    finally:
+        os.chdir(saved)
+    return subprocess.CompletedProcess(['python', '-c', code], 0, output.getvalue(), '')
 
 
 @pytest.fixture(scope='module')
 def bash_runs(workspace):
-    """The runnable bash blocks, all started at once (each mostly waits for imports): {block name: Popen}."""
-    started = {block.name: subprocess.Popen(['bash', '-e', '-o', 'pipefail', '-c', block.code], cwd=workspace,
-                                            env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                            text=True)
-               for block in CODE_BLOCKS if block.lang == 'bash' and block.mode == 'run'}
+    """The runnable bash blocks: {block name: Popen} for those that need a shell, all started at once (they run
+    while the tests before theirs do); {block name: [commands]} for those made of python commands only, which the
+    test runs in this process (helpers.run_in_process: the real scripts without importing torch again)."""
+    started = {}
+    for block in CODE_BLOCKS:
+        if block.lang == 'bash' and block.mode == 'run':
+            started[block.name] = in_process_commands(block.code) or subprocess.Popen(
+                ['bash', '-e', '-o', 'pipefail', '-c', block.code], cwd=workspace, env=script_env(),
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     yield started
     for process in started.values():
-        if process.poll() is None:
+        if isinstance(process, subprocess.Popen) and process.poll() is None:
             process.kill()
             process.communicate()
 
@@ -402,9 +423,21 @@ def test_runnable_python_blocks_run(chain, workspace, bash_runs):
 
 @pytest.mark.parametrize('block', [block for block in CODE_BLOCKS if block.lang == 'bash' and block.mode == 'run'],
                          ids=lambda block: block.name)
-def test_runnable_bash_blocks_run(block, bash_runs):
-    result = finish(bash_runs[block.name], timeout=300)
-    assert result.returncode == 0, f'{block.code}\nstdout:\n{result.stdout[-2000:]}\nstderr:\n{result.stderr[-3000:]}'
+def test_runnable_bash_blocks_run(block, bash_runs, workspace):
+    run = bash_runs[block.name]
+    if isinstance(run, subprocess.Popen):
+        results = [finish(run, timeout=300)]
+    else:  # python commands only: each in this process, in order, stopping at the first failure as bash -e would
+        results = []
+        for tokens in run:
+            code = python_c_code(tokens)
+            results.append(run_python_c(code, workspace) if code is not None
+                           else run_in_process(tokens[1:], cwd=workspace, env=script_env()))
+            if results[-1].returncode != 0 or 'Traceback' in results[-1].stderr:
+                break
+    for result in results:
+        assert result.returncode == 0, f'{block.code}\nstdout:\n{result.stdout[-2000:]}\nstderr:\n{result.stderr[-3000:]}'
+        assert_succeeded(result)
 
 
 def test_metric_names_in_the_docs_are_the_ones_the_scripts_write(workspace):

@@ -17,7 +17,7 @@ from common.errors import UserError
 from common.features import (FID_WEIGHTS_URL, ClassifierSettings, build_fid_inception, dataset_classifier,
                              load_fid_inception)
 from evaluate import check_samples, decode_codes_file, load_vq_for_codes, read_codes_file, read_sample_folder
-from helpers import assert_one_line_error, assert_succeeded, finish, script_env, start_script
+from helpers import assert_one_line_error, assert_succeeded, finish, run_in_process, script_env, start_script
 from models import VQVAE, VQVAE2, save_checkpoint
 
 pytestmark = pytest.mark.usefixtures('single_thread')
@@ -52,7 +52,7 @@ def save_vq(path, cls, image_size=16):
 
 
 @pytest.fixture(scope='module')
-def paths(tmp_path_factory):
+def paths(tmp_path_factory, classifier_dir):
     """Sample folders, codes files and checkpoints for the script runs."""
     root = tmp_path_factory.mktemp('evaluate')
     test_set, info = build_dataset('shapes', 'test', 32)
@@ -67,11 +67,13 @@ def paths(tmp_path_factory):
     torch.save({'codes': torch.randint(0, 16, (8, 4, 4)), 'class_labels': torch.arange(8) % 6}, root / 'codes.pt')
     torch.save({'codes': torch.randint(0, 16, (8, 3, 3))}, root / 'codes_3x3.pt')
     return {name: str(root / name) for name in ('real', 'noise', 'small', 'few', 'empty', 'vq.pth', 'codes.pt',
-                                                'codes_3x3.pt', 'classifiers', 'torch_home')} | {'root': str(root)}
+                                                'codes_3x3.pt', 'torch_home')} | \
+        {'root': str(root), 'classifiers': str(classifier_dir)}
 
 
 def evaluate_args(paths, samples, name, *extra):
-    """An evaluate.py command line writing into <root>/out_<name>, with the tiny classifier cached in one place."""
+    """An evaluate.py command line writing into <root>/out_<name>, with the tiny classifier cached in the session's
+    one place (the same settings in test_evaluate_models.py, so each image size's classifier trains once)."""
     return ['--samples', samples, '--out_dir', os.path.join(paths['root'], f'out_{name}'),
             '--classifier_dir', paths['classifiers'], '--num_real', '500', '--device', 'cpu', *TINY_CLASSIFIER,
             *extra]
@@ -83,6 +85,7 @@ SCRIPT_ERRORS = {
     'no_inception_weights': ('real', ['--features', 'inception'], 'FID Inception weights not found'),
     'codes_without_vq': ('codes.pt', [], 'pass --vq_checkpoint'),
 }
+REAL_PROCESS = 'empty'  # the one bad input run as a real process: exit status 2 and one line, imports and all
 # The same, checked in process: main() must raise before it writes anything.
 MAIN_ERRORS = {
     'wrong_size': ('small', [], 'is 16x16 but shapes images are 32x32'),
@@ -93,15 +96,29 @@ MAIN_ERRORS = {
 }
 
 
+def cached_classifiers(paths, image_size):
+    """{num_train: file} of the classifiers cached for shapes at image_size (None: the whole training split)."""
+    folder = paths['classifiers']
+    files = [name for name in os.listdir(folder) if name.startswith(f'classifier_shapes_{image_size}px_')] \
+        if os.path.isdir(folder) else []
+    return {torch.load(os.path.join(folder, name), weights_only=True)['key']['num_train']: name for name in files}
+
+
 @pytest.fixture(scope='module')
 def runs(paths):
-    """Script runs, all at once: the real-image one (which trains and caches the classifier) and the bad inputs."""
+    """Script runs: the real-image one (which trains and caches the classifier, unless this session did already) and
+    the bad inputs. One bad input runs as a real process, started first so that it imports torch meanwhile; the others
+    run the script in this process (helpers.run_in_process: the same parser, main and one-line errors)."""
     commands = {'real': evaluate_args(paths, paths['real'], 'real')}
     for name, (samples, extra, _) in SCRIPT_ERRORS.items():
         commands[name] = evaluate_args(paths, paths[samples], name, *extra)
-    env = script_env(TORCH_HOME=paths['torch_home'])  # an empty hub cache: no Inception weights
-    started = {name: start_script(['evaluate.py', *args], env=env) for name, args in commands.items()}
-    return {name: finish(process) for name, process in started.items()}
+    env = {'TORCH_HOME': paths['torch_home']}  # an empty hub cache: no Inception weights
+    process = start_script(['evaluate.py', *commands.pop(REAL_PROCESS)], env=script_env(**env))
+    trained_before = cached_classifiers(paths, 32)
+    results = {name: run_in_process(['evaluate.py', *args], env=env) for name, args in commands.items()}
+    results[REAL_PROCESS] = finish(process)
+    results['classifier_was_cached'] = bool(trained_before)
+    return results
 
 
 def run_main_in_process(paths, samples, name, *extra):
@@ -118,7 +135,8 @@ def scores_of(paths, name):
 def test_real_images_score_near_the_floor_and_noise_far_worse(paths, runs, monkeypatch):
     assert_succeeded(runs['real'])
     assert 'fid' in runs['real'].stdout and 'eval.json' in runs['real'].stdout
-    assert 'training the shapes classifier' in runs['real'].stderr
+    # Trained by this run, unless an earlier test of the session cached it with the same settings.
+    assert ('training the shapes classifier' in runs['real'].stderr) != runs['classifier_was_cached']
 
     def no_training(*args, **kwargs):
         raise AssertionError('the cached classifier was not re-used')
@@ -141,9 +159,9 @@ def test_real_images_score_near_the_floor_and_noise_far_worse(paths, runs, monke
 
 def test_codes_file_is_decoded_with_the_vq_checkpoints_data_settings(paths, runs):
     json_path = os.path.join(paths['root'], 'elsewhere', 'scores.json')
-    # Dataset settings come from the VQ checkpoint (shapes at 16x16); its classifier trains in a few steps.
-    run_main_in_process(paths, paths['codes.pt'], 'codes', '--vq_checkpoint', paths['vq.pth'],
-                        '--classifier_min_steps', '10', '--classifier_num_train', '200', '--num_fit', '100',
+    # Dataset settings come from the VQ checkpoint (shapes at 16x16); its classifier (the tiny one, shared with
+    # test_evaluate_models.py through the session's classifier folder) trains in a few seconds or is read back.
+    run_main_in_process(paths, paths['codes.pt'], 'codes', '--vq_checkpoint', paths['vq.pth'], '--num_fit', '100',
                         '--json', json_path)
     with open(json_path) as f:
         result = json.load(f)
@@ -153,8 +171,10 @@ def test_codes_file_is_decoded_with_the_vq_checkpoints_data_settings(paths, runs
     assert set(result['reconstruction']) == {'mse', 'psnr', 'perplexity/flat', 'code_usage/flat'}
     assert result['decoder_bits_per_dim'] > 0 and result['bits_per_dim'] is None and result['num_fit'] == 100
     assert not os.path.exists(os.path.join(paths['root'], 'out_codes'))  # --json elsewhere: out_dir untouched
-    # Cached: the 32px feature classifier and CAS baseline (300 images); the 16px ones (baseline of 8 images).
-    assert len(os.listdir(paths['classifiers'])) == 4
+    # Cached: the 32px feature classifier and CAS baseline (300 images); the 16px ones (baseline of 8 images). (The
+    # folder is the session's: test_evaluate_models.py may have added 16px ones of its own.)
+    assert set(cached_classifiers(paths, 32)) == {1500, NUM_SAMPLES}
+    assert {1500, 8} <= set(cached_classifiers(paths, 16))
 
 
 @pytest.mark.parametrize('name', list(SCRIPT_ERRORS))

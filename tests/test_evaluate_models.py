@@ -33,19 +33,21 @@ def run_ok(args):
 
 
 @pytest.fixture(scope='module')
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, classifier_dir):
     """A VQ-VAE-2 trained through main.py (STAGE1) and a class-conditional prior of its codes (TINY_PRIOR)."""
     root = tmp_path_factory.mktemp('evaluate_models')
     run_ok(['main.py', '--arch', 'vq_vae2', *STAGE1, '--out_dir', root / 'vq_vae2'])
     run_ok(['train_pixelcnn_vqvae2.py', '--vqvae2_checkpoint', root / 'vq_vae2' / 'best.pth', *TINY_PRIOR,
             '--class_conditional', '--out_dir', root / 'prior'])
-    return {'root': root, 'vq': str(root / 'vq_vae2' / 'best.pth'), 'prior': str(root / 'prior' / 'best.pth')}
+    return {'root': root, 'vq': str(root / 'vq_vae2' / 'best.pth'), 'prior': str(root / 'prior' / 'best.pth'),
+            'classifiers': classifier_dir}
 
 
 def evaluate_command(trained, name, *flags):
-    """An evaluate.py command line writing into <root>/out_<name>."""
+    """An evaluate.py command line writing into <root>/out_<name>, with the session's classifier cache (the 16px
+    classifier of TINY_CLASSIFIER is test_evaluate.py's too: it trains once)."""
     return ['evaluate.py', '--out_dir', trained['root'] / f'out_{name}', '--device', 'cpu',
-            '--classifier_dir', trained['root'] / 'classifiers', *flags]
+            '--classifier_dir', trained['classifiers'], *flags]
 
 
 @pytest.fixture(scope='module')
