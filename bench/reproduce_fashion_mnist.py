@@ -67,6 +67,12 @@ def run_stage(name, args, extra=()):
     return time.time() - started
 
 
+def trained_seconds(name, args, extra=()):
+    """For --skip_training: the training time of a stage that ran before, from its metrics.jsonl."""
+    with open(os.path.join(args.out_dir, name, 'metrics.jsonl')) as f:
+        return sum(json.loads(line)['epoch_seconds'] for line in f if line.strip())
+
+
 def evaluate_command(args, vq_name, prior_name=None, temperature=1.0):
     """The evaluate.py command line for one model (and temperature); its JSON goes to <out_dir>/eval/."""
     name = f'{prior_name or vq_name}_t{temperature:g}'
@@ -157,14 +163,15 @@ def main(args):
             not os.path.isdir(os.path.join(args.data_dir, 'FashionMNIST')):
         sys.exit('error: Fashion-MNIST not found; run `apt-get install -y dataset-fashion-mnist` first')
     os.makedirs(os.path.join(args.out_dir, 'eval'), exist_ok=True)
-    wall = {name: run_stage(name, args) for name in list(STAGES)[:-1]}
+    run = trained_seconds if args.skip_training else run_stage
+    wall = {name: run(name, args) for name in list(STAGES)[:-1]}
     # The class-conditional prior is of the family that won the comparison at equal budget.
     bits = {}
     for prior_name, family in (('prior_vqvae2', 'pixelcnn'), ('prior_vqvae2_transformer', 'transformer')):
         bits[family] = torch.load(os.path.join(args.out_dir, prior_name, 'best.pth'),
                                   weights_only=True)['metrics']['val/bits_per_code']
     conditional_family = min(bits, key=bits.get)
-    wall['prior_vqvae2_classes'] = run_stage('prior_vqvae2_classes', args, ['--prior', conditional_family])
+    wall['prior_vqvae2_classes'] = run('prior_vqvae2_classes', args, ['--prior', conditional_family])
 
     started = time.time()
     commands = [evaluate_command(args, 'vq_vae', 'prior_vqvae'),
@@ -204,5 +211,7 @@ if __name__ == '__main__':
                         help='samples each evaluation generates and scores (default: 10000)')
     parser.add_argument('--eval_flags', nargs=argparse.REMAINDER, default=[],
                         help='further evaluate.py flags, e.g. a faster classifier for smoke runs (default: none)')
+    parser.add_argument('--skip_training', action='store_true',
+                        help='evaluate the checkpoints a previous run left in --out_dir (default: train them)')
     parser.add_argument('--quiet', action='store_true', help='hide the training scripts\' progress output')
     main(parser.parse_args())
