@@ -40,7 +40,7 @@ STAGES = {
                                  'vq_vae2'),
     'prior_vqvae2_classes': ('train_pixelcnn_vqvae2.py', PRIOR_FLAGS + ['--class_conditional'], 1200, 'vq_vae2'),
 }
-TEMPERATURES = (1.0, 0.9, 0.8)
+TEMPERATURES = (1.0, 0.9, 0.8)  # the unconditional hierarchical priors' FID at each (--temperatures)
 
 
 def run_stage(name, args, extra=()):
@@ -130,7 +130,7 @@ def fmt(value, digits=3):
     return '-' if value is None else f'{value:.{digits}f}'
 
 
-def markdown(evals, wall, conditional_family):
+def markdown(evals, wall, conditional_family, temperatures):
     """The results table as Markdown."""
     lines = ['| VQ model | prior | test MSE | PSNR (dB) | bits/code (levels) | bits/dim (latent + decoder) | FID | '
              'KID | precision | recall | CAS (real) | train s (prior) |',
@@ -148,10 +148,11 @@ def markdown(evals, wall, conditional_family):
                      f"{e['prior']['bits_per_code']:.3f} ({levels.replace('bits_per_code/', '')}) | {bpd} | "
                      f"{fmt(scores.get('fid'))} | {fmt(scores.get('kid_mean'))} | {fmt(scores.get('precision'))} | "
                      f"{fmt(scores.get('recall'))} | {cas} | {wall[prior_name]:.0f} |")
-    lines += ['', '| prior | FID at temperature 1.0 | 0.9 | 0.8 |', '|---|---|---|---|']
+    lines += ['', '| prior | ' + ' | '.join(f'FID at temperature {t:g}' for t in temperatures) + ' |',
+              '|---|' + '---|' * len(temperatures)]
     for prior_name in ('prior_vqvae2', 'prior_vqvae2_transformer'):
         lines.append(f'| {prior_name} | ' + ' | '.join(fmt(evals[f'{prior_name}_t{t:g}']['scores'].get('fid'))
-                                                      for t in TEMPERATURES) + ' |')
+                                                      for t in temperatures) + ' |')
     floor = evals['prior_vqvae2_t1']['scores'].get('fid_train_vs_test')
     lines.append(f'\nFID reference (real training vs test images, same feature space): {fmt(floor)}. '
                  f'Training wall time: {sum(wall.values()):.0f} s in all.')
@@ -177,10 +178,10 @@ def main(args):
     commands = [evaluate_command(args, 'vq_vae', 'prior_vqvae'),
                 evaluate_command(args, 'vq_vae2', 'prior_vqvae2_classes')]
     commands += [evaluate_command(args, 'vq_vae2', prior_name, t) for prior_name in
-                 ('prior_vqvae2', 'prior_vqvae2_transformer') for t in TEMPERATURES]
+                 ('prior_vqvae2', 'prior_vqvae2_transformer') for t in args.temperatures]
     evals = run_evaluations(args, commands)
     pictures(args)
-    table = markdown(evals, wall, conditional_family)
+    table = markdown(evals, wall, conditional_family, args.temperatures)
     with open(os.path.join(args.out_dir, 'results.md'), 'w') as f:
         f.write(table)
     with open(os.path.join(args.out_dir, 'results.json'), 'w') as f:
@@ -209,6 +210,8 @@ if __name__ == '__main__':
                              'runs; reconstruction and bits/dim always use the whole test split (default: all 10000)')
     parser.add_argument('--num_samples', type=int, default=10000,
                         help='samples each evaluation generates and scores (default: 10000)')
+    parser.add_argument('--temperatures', type=lambda text: [float(t) for t in text.split(',')],
+                        default=list(TEMPERATURES), help='temperatures of the FID sweep (default: 1.0,0.9,0.8)')
     parser.add_argument('--eval_flags', nargs=argparse.REMAINDER, default=[],
                         help='further evaluate.py flags, e.g. a faster classifier for smoke runs (default: none)')
     parser.add_argument('--skip_training', action='store_true',
