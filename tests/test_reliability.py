@@ -12,6 +12,7 @@ import os
 import pickle
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -497,9 +498,35 @@ def wandb_offline_run(tmp_path_factory):
     waiter.join()
 
 
+@pytest.fixture(scope='module')
+def torchrun_bad_argument(tmp_path_factory):
+    """torchrun with 2 processes and a bad flag, started when the module starts (it mostly waits on imports)."""
+    out_dir = tmp_path_factory.mktemp('torchrun') / 'o'
+    process = start_script(['-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', str(free_port()),
+                            'main.py', '--hidden_channels', '1', '--device', 'cpu', '--out_dir', out_dir])
+    yield process, out_dir
+    process.kill()
+
+
+def free_port():
+    """A TCP port nobody listens on now."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope='module', autouse=True)
-def start_slow_runs_first(wandb_offline_run):
-    """Start the W&B run before any other test of the module."""
+def start_slow_runs_first(wandb_offline_run, torchrun_bad_argument):
+    """Start the W&B and torchrun runs before any other test of the module."""
+
+
+def test_under_torchrun_a_bad_argument_is_reported_once_by_rank_0(torchrun_bad_argument):
+    process, out_dir = torchrun_bad_argument
+    result = finish(process)
+    ours = [line for line in result.stderr.splitlines() if 'error: argument --hidden_channels' in line]
+    # torchrun adds its own summary of the failed processes after our line; the other rank never repeats it.
+    assert result.returncode != 0 and len(ours) == 1 and not ours[0].startswith('rank'), result.stderr[-3000:]
+    assert not out_dir.exists()
 
 
 def test_w_and_b_online_without_a_network_fails_quickly_and_leaves_nothing(wandb_offline_run):
