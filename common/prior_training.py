@@ -10,6 +10,7 @@ import os
 import torch
 import torch.nn as nn
 from torch.utils.data import TensorDataset
+from torchvision.utils import save_image
 
 from models import (MODELS, PRIOR_PRESETS, TRANSFORMER_PRESETS, ConfigError, build_model, file_sha256,
                     load_checkpoint, model_from_checkpoint)
@@ -186,7 +187,6 @@ def make_task(args, model, vq_model, datasets, levels, extra, device):
     def on_epoch_end(model, epoch, tracker, step):
         if args.num_epoch_samples <= 0:
             return
-        from torchvision.utils import save_image
         model.eval()
         labels = (torch.arange(args.num_epoch_samples) % model.num_classes).tolist() if use_labels else None
         images = model.sample_with_vq(vq_model, args.num_epoch_samples, class_labels=labels,
@@ -197,11 +197,31 @@ def make_task(args, model, vq_model, datasets, levels, extra, device):
         tracker.log_image('samples', path, step)
 
     return Task(model=model, train_module=LevelLosses(model), train_set=datasets['train'], val_set=datasets['val'],
-                training_step=training_step,
+                training_step=training_step, weight_decay=args.weight_decay,
                 evaluate=evaluate, score_key='bits_per_code', score_scope='levels ' + '+'.join(levels),
                 checkpoint_extra=extra, on_epoch_end=on_epoch_end,
                 find_unused_parameters=len(levels) < len(all_levels),
                 optimizer_groups=getattr(model, 'optim_groups', None))
+
+
+def create_prior(args, vq_kind, vq_model, code_shapes, num_classes, resume_state, world_size, device):
+    """The prior to train, (kind, config, model): the checkpoint's for a resume, else from the family's flags;
+    memory is estimated before anything is allocated."""
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    kind = resume_state['kind'] if resume_state else FAMILIES[args.prior].kind(vq_kind)
+    family = FAMILIES[FAMILY_OF_KIND[kind]]  # a resume continues the checkpoint's family
+    config = resume_state['config'] if resume_state else prior_config(args, family, kind, vq_model.num_embeddings,
+                                                                      num_classes, code_shapes)
+    if args.weight_decay is None:
+        args.weight_decay = family.weight_decay
+    batch = args.batch_size // world_size
+    try:
+        check_memory(kind, config, device, lambda model: model.level_logits(
+            {level: torch.zeros(batch, *shape, dtype=torch.long) for level, shape in code_shapes.items()},
+            torch.zeros(batch, dtype=torch.long) if config.get('num_classes') else None))
+        return kind, config, build_model(kind, config)
+    except ConfigError as e:
+        raise UserError(f'the {kind} prior cannot be built: {e}') from e
 
 
 def train_prior(args, vq_path, vq_kind, levels=None):
@@ -211,7 +231,6 @@ def train_prior(args, vq_path, vq_kind, levels=None):
     """
     # Setup
     device = resolve_device(args.device)
-    family = FAMILIES[args.prior]
     vq_state = load_checkpoint(vq_path, kinds=vq_kind)
     resume_state = None
     if args.resume:
@@ -230,23 +249,8 @@ def train_prior(args, vq_path, vq_kind, levels=None):
     if args.class_conditional and (num_classes or 0) < 2:
         raise UserError(f"--class_conditional needs class labels, but dataset {data['name']} has "
                         f"{num_classes or 0} classes")
-
-    # Create model
-    torch.manual_seed(args.seed)  # the same initial weights on every rank
-    kind = resume_state['kind'] if resume_state else family.kind(vq_kind)
-    family = FAMILIES[FAMILY_OF_KIND[kind]]  # a resume continues the checkpoint's family
-    config = resume_state['config'] if resume_state else prior_config(args, family, kind, vq_model.num_embeddings,
-                                                                      num_classes, code_shapes)
-    if args.weight_decay is None:
-        args.weight_decay = family.weight_decay
-    batch = args.batch_size // world_size
-    try:
-        check_memory(kind, config, device, lambda model: model.level_logits(
-            {level: torch.zeros(batch, *shape, dtype=torch.long) for level, shape in code_shapes.items()},
-            torch.zeros(batch, dtype=torch.long) if config.get('num_classes') else None))
-        model = build_model(kind, config)
-    except ConfigError as e:
-        raise UserError(f'the {kind} prior cannot be built: {e}') from e
+    kind, config, model = create_prior(args, vq_kind, vq_model, code_shapes, num_classes, resume_state, world_size,
+                                       device)
 
     # Codes and training
     splits, vq_sha256 = load_codes(vq_model, vq_path, data, vq_model.image_size, args, rank, device)
@@ -260,7 +264,6 @@ def train_prior(args, vq_path, vq_kind, levels=None):
                   f'{config["num_embeddings"]} codes, grids {code_shapes}, training {"+".join(levels)}, '
                   f'class-conditional: {config["num_classes"] is not None}')
         task = make_task(args, model, vq_model, datasets, levels, extra, device)
-        task.weight_decay = args.weight_decay
         metrics = train(args, task, rank, world_size, device, resume_state)
         if rank == 0:
             print('final validation: ' + ', '.join(f'{k[4:]} {v:.4g}' for k, v in metrics.items()
