@@ -7,11 +7,11 @@ Example:
 
 It trains, through the real scripts: a VQ-VAE with a flat PixelCNN prior; a VQ-VAE-2 with two hierarchical priors
 trained on the same codes for the same wall-clock budget (--prior_minutes each), a gated PixelCNN and a transformer;
-and a class-conditional hierarchical prior of the family with the lower held-out bits per code. Then evaluate.py
-scores every model on the official test split: reconstruction, code usage, bits per code and bits per dimension, and
-FID / KID / precision / recall of --num_samples samples in the classifier feature space (CAS for the class-conditional
-prior; FID at temperatures 1.0, 0.9 and 0.8 for the unconditional hierarchical priors). It writes the results table
-and the picture grids.
+and a class-conditional hierarchical prior of the family with the lower held-out bits per code, for the same budget.
+Then evaluate.py scores every model on the official test split: reconstruction, code usage, bits per code and bits
+per dimension, and FID / KID / precision / recall of --num_samples samples in the classifier feature space (CAS for
+the class-conditional prior; FID at temperatures 1.0, 0.9 and 0.8 for the unconditional hierarchical priors). It
+writes the results table and the picture grids.
 """
 
 import argparse
@@ -30,7 +30,7 @@ from common.data import FASHION_MNIST_SYSTEM_DIR, build_dataset, denormalize  # 
 from models import load_model  # noqa: E402
 
 PRIOR_FLAGS = ['--preset', 'small', '--lr', '1e-3', '--lr_schedule', 'cosine']
-# name -> (script, flags, steps at --scale 1 or None for a time budget, the VQ model it uses)
+# name -> (script, flags, steps at --scale 1 or None for the --prior_minutes budget, the VQ model it uses)
 STAGES = {
     'vq_vae': ('main.py', ['--arch', 'vq_vae', '--lr', '1e-3', '--lr_schedule', 'cosine'], 1500, None),
     'vq_vae2': ('main.py', ['--arch', 'vq_vae2', '--lr', '1e-3', '--lr_schedule', 'cosine'], 1500, None),
@@ -38,7 +38,7 @@ STAGES = {
     'prior_vqvae2': ('train_pixelcnn_vqvae2.py', PRIOR_FLAGS + ['--prior', 'pixelcnn'], None, 'vq_vae2'),
     'prior_vqvae2_transformer': ('train_pixelcnn_vqvae2.py', PRIOR_FLAGS + ['--prior', 'transformer'], None,
                                  'vq_vae2'),
-    'prior_vqvae2_classes': ('train_pixelcnn_vqvae2.py', PRIOR_FLAGS + ['--class_conditional'], 1200, 'vq_vae2'),
+    'prior_vqvae2_classes': ('train_pixelcnn_vqvae2.py', PRIOR_FLAGS + ['--class_conditional'], None, 'vq_vae2'),
 }
 TEMPERATURES = (1.0, 0.9, 0.8)  # the unconditional hierarchical priors' FID at each (--temperatures)
 
@@ -67,8 +67,8 @@ def run_stage(name, args, extra=()):
     return time.time() - started
 
 
-def trained_seconds(name, args, extra=()):
-    """For --skip_training: the training time of a stage that ran before, from its metrics.jsonl."""
+def trained_seconds(name, args):
+    """For --reuse: the training time of a stage that ran before, from its metrics.jsonl."""
     with open(os.path.join(args.out_dir, name, 'metrics.jsonl')) as f:
         return sum(json.loads(line)['epoch_seconds'] for line in f if line.strip())
 
@@ -164,7 +164,10 @@ def main(args):
             not os.path.isdir(os.path.join(args.data_dir, 'FashionMNIST')):
         sys.exit('error: Fashion-MNIST not found; run `apt-get install -y dataset-fashion-mnist` first')
     os.makedirs(os.path.join(args.out_dir, 'eval'), exist_ok=True)
-    run = trained_seconds if args.skip_training else run_stage
+    def run(name, args, extra=()):  # with --reuse, a stage an earlier run finished is not trained again
+        done = os.path.exists(os.path.join(args.out_dir, name, 'best.pth'))
+        return trained_seconds(name, args) if args.reuse and done else run_stage(name, args, extra)
+
     wall = {name: run(name, args) for name in list(STAGES)[:-1]}
     # The class-conditional prior is of the family that won the comparison at equal budget.
     bits = {}
@@ -214,7 +217,8 @@ if __name__ == '__main__':
                         default=list(TEMPERATURES), help='temperatures of the FID sweep (default: 1.0,0.9,0.8)')
     parser.add_argument('--eval_flags', nargs=argparse.REMAINDER, default=[],
                         help='further evaluate.py flags, e.g. a faster classifier for smoke runs (default: none)')
-    parser.add_argument('--skip_training', action='store_true',
-                        help='evaluate the checkpoints a previous run left in --out_dir (default: train them)')
+    parser.add_argument('--reuse', action='store_true',
+                        help='keep the stages an earlier run finished in --out_dir (their best.pth), train the rest, '
+                             'then evaluate everything (default: train every stage)')
     parser.add_argument('--quiet', action='store_true', help='hide the training scripts\' progress output')
     main(parser.parse_args())
