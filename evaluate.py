@@ -456,22 +456,7 @@ def main(args):
     _, info = build_dataset(args.dataset, 'test', args.image_size, args.data_dir, args.data_seed, args.download)
     args.num_classes = info['num_classes']
     drawing = prior is not None and args.samples is None  # the prior's samples are scored unless --samples are
-    if prior is not None and prior.num_classes not in (None, info['num_classes']):
-        raise UserError(f'{args.prior_checkpoint} is conditioned on {prior.num_classes} classes but '
-                        f'{args.dataset} has {info["num_classes"]}; give the prior trained on this data')
-    if drawing and args.num_samples < MIN_IMAGES:
-        raise UserError(f'--num_samples must be at least {MIN_IMAGES} (precision and recall with k={PR_K} need '
-                        f'k + 1)')
-    network = None  # the Inception network; the classifier feature space is the dataset classifier, loaded later
-    if args.samples is not None or drawing:
-        if args.features == 'inception':
-            network = load_fid_inception(args.inception_weights, args.device)
-        elif info['num_classes'] < 2:
-            raise UserError(f'{args.dataset} has {info["num_classes"]} class; the classifier feature space needs 2 '
-                            f'or more: use --features inception')
-        if args.num_real is not None and args.num_real < MIN_IMAGES:
-            raise UserError(f'--num_real must be at least {MIN_IMAGES} (precision and recall with k={PR_K} need '
-                            f'k + 1)')
+    network = check_scoring(args, info, prior, drawing)
     if codes is not None:
         images, labels = decode_codes_file(codes, codes_vq, args.batch_size, args.device)
     elif args.samples is not None:
@@ -502,17 +487,44 @@ def main(args):
         if args.samples is not None or drawing:
             result.update(score(images, labels, test, info, network, args))
 
-        result['settings'] = {k: str(v) if isinstance(v, torch.device) else v for k, v in vars(args).items()}
-        write_json(result, json_path)
-        if vq is not None:
-            print_model_table(result)
-        if 'scores' in result:
-            print_table(result['scores'], result, args.samples or f'the prior {args.prior_checkpoint}')
-        print(f'results written to {json_path}')
-        if args.wandb:
-            tracker = Tracker(args.out_dir, result['settings'], wandb=wandb_settings(args))
-            tracker.log(logged_numbers(result), step=0)
-            tracker.finish()
+        report(result, json_path, vq is not None, args)
+
+
+def check_scoring(args, info, prior, drawing):
+    """Refuse, before anything heavy runs, what the scores cannot take; returns the Inception network, if used
+    (the classifier feature space is the dataset classifier, loaded later)."""
+    if prior is not None and prior.num_classes not in (None, info['num_classes']):
+        raise UserError(f'{args.prior_checkpoint} is conditioned on {prior.num_classes} classes but '
+                        f'{args.dataset} has {info["num_classes"]}; give the prior trained on this data')
+    if drawing and args.num_samples < MIN_IMAGES:
+        raise UserError(f'--num_samples must be at least {MIN_IMAGES} (precision and recall with k={PR_K} need '
+                        f'k + 1)')
+    if args.samples is None and not drawing:
+        return None
+    if args.num_real is not None and args.num_real < MIN_IMAGES:
+        raise UserError(f'--num_real must be at least {MIN_IMAGES} (precision and recall with k={PR_K} need '
+                        f'k + 1)')
+    if args.features == 'inception':
+        return load_fid_inception(args.inception_weights, args.device)
+    if info['num_classes'] < 2:
+        raise UserError(f'{args.dataset} has {info["num_classes"]} class; the classifier feature space needs 2 '
+                        f'or more: use --features inception')
+    return None
+
+
+def report(result, json_path, with_model, args):
+    """Write the JSON, print the tables, and log to W&B with --wandb."""
+    result['settings'] = {k: str(v) if isinstance(v, torch.device) else v for k, v in vars(args).items()}
+    write_json(result, json_path)
+    if with_model:
+        print_model_table(result)
+    if 'scores' in result:
+        print_table(result['scores'], result, args.samples or f'the prior {args.prior_checkpoint}')
+    print(f'results written to {json_path}')
+    if args.wandb:
+        tracker = Tracker(args.out_dir, result['settings'], wandb=wandb_settings(args))
+        tracker.log(logged_numbers(result), step=0)
+        tracker.finish()
 
 
 def apply_data_settings(args, data):
@@ -562,11 +574,8 @@ def write_json(result, path):
         raise UserError(f'cannot write {path}: {e.strerror or e}; choose another --json') from e
 
 
-def build_parser():
-    """The evaluation command line."""
-    parser = ArgumentParser(description='Evaluate a VQ model and its prior (reconstruction, bits per dimension, '
-                                        'samples), or score samples against the real test split: FID, KID, '
-                                        'precision/recall, CAS.')
+def add_model_flags(parser):
+    """Flags of the models mode: the checkpoints, and how the prior's samples are drawn."""
     models = parser.add_argument_group('models')
     models.add_argument('--vq_checkpoint', default=None,
                         help='VQ-VAE or VQ-VAE-2 checkpoint to evaluate, and to decode a codes.pt given as --samples '
@@ -589,6 +598,10 @@ def build_parser():
     models.add_argument('--save_samples', default=None,
                         help='also write the drawn samples as PNGs into this new folder, one subfolder per class for '
                              'a class-conditional prior, which --samples can score again (default: none)')
+
+
+def add_sample_flags(parser):
+    """Flags of the samples mode: the samples, the real data they are compared with, and the feature space."""
     samples = parser.add_argument_group('samples')
     samples.add_argument('--samples', default=None,
                          help='folder of PNG/JPEG samples (class subfolders for class-conditional ones) or a stage-3 '
@@ -621,6 +634,15 @@ def build_parser():
                               f'(CAS) is trained too (default: {ClassifierSettings.min_steps})')
     samples.add_argument('--classifier_num_train', type=positive_int, default=None,
                          help='training images for the dataset classifier, a random subset (default: all)')
+
+
+def build_parser():
+    """The evaluation command line."""
+    parser = ArgumentParser(description='Evaluate a VQ model and its prior (reconstruction, bits per dimension, '
+                                        'samples), or score samples against the real test split: FID, KID, '
+                                        'precision/recall, CAS.')
+    add_model_flags(parser)
+    add_sample_flags(parser)
     parser.add_argument('--batch_size', type=positive_int, default=250,
                         help='images per forward pass of the VQ model, the prior and the feature networks '
                              '(default: 250)')

@@ -243,11 +243,8 @@ class PixelCNN(CodePrior):
     levels = ('flat',)
 
     def __init__(self, **config):
-        super().__init__()
-        cfg = self.config_class.from_dict(config)
-        self.config = cfg.to_dict()
-        self.num_embeddings = cfg.num_embeddings
-        self.num_classes = cfg.num_classes
+        super().__init__(config)
+        cfg = self.cfg
         self.embedding = nn.Embedding(cfg.num_embeddings, cfg.embedding_dim)
         block_args = dict(num_classes=cfg.num_classes, cond_channels=cfg.cond_channels)
         self.blocks = nn.ModuleList(
@@ -396,12 +393,9 @@ class HierarchicalPixelCNN(CodePrior):
     levels = ('top', 'bottom')
 
     def __init__(self, **config):
-        super().__init__()
-        cfg = self.config_class.from_dict(config)
-        cfg.cond_channels = cfg.cond_channels or cfg.hidden_channels
-        self.config = cfg.to_dict()
-        self.num_embeddings = cfg.num_embeddings
-        self.num_classes = cfg.num_classes
+        super().__init__({**config, 'cond_channels': config.get('cond_channels') or config.get('hidden_channels')
+                          or HierarchicalPixelCNNConfig.hidden_channels})
+        cfg = self.cfg
         level_config = {name: value for name, value in self.config.items()
                         if name not in ('cond_channels', 'conditioner_res_blocks')}
         self.prior_top = PixelCNN(**level_config)

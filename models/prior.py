@@ -85,8 +85,15 @@ class CodePrior(nn.Module):
     """Base of every prior family: per-level losses and decoding, derived from `level_logits` and `sample_levels`."""
 
     levels = ()  # level names in sampling order; set by each family
-    num_embeddings = None  # codebook size, set in each family's constructor
-    num_classes = None  # number of classes of a class-conditional prior, else None
+    config_class = None  # the family's config dataclass (models/config.py)
+
+    def __init__(self, config):
+        """Check `config` with the family's config class; keep it as a dict, and the sizes every prior has."""
+        super().__init__()
+        self.cfg = self.config_class.from_dict(config)
+        self.config = self.cfg.to_dict()
+        self.num_embeddings = self.cfg.num_embeddings  # codebook size
+        self.num_classes = self.cfg.num_classes  # classes of a class-conditional prior, else None
 
     def level_logits(self, codes, class_labels=None, levels=None):
         """{level: codes [B, h, w]} -> {level: logits [B, K, h, w]} for `levels` (default: all)."""

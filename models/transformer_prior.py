@@ -325,11 +325,8 @@ class TransformerPrior(CodePrior):
     levels = ('flat',)
 
     def __init__(self, **config):
-        super().__init__()
-        cfg = self.config_class.from_dict(config)
-        self.config = cfg.to_dict()
-        self.num_embeddings = cfg.num_embeddings
-        self.num_classes = cfg.num_classes
+        super().__init__(config)
+        cfg = self.cfg
         self.transformer = CodeTransformer(cfg)
         init_weights(self, cfg.num_layers)
 
@@ -393,11 +390,8 @@ class HierarchicalTransformerPrior(CodePrior):
     levels = ('top', 'bottom')
 
     def __init__(self, **config):
-        super().__init__()
-        cfg = self.config_class.from_dict(config)
-        self.config = cfg.to_dict()
-        self.num_embeddings = cfg.num_embeddings
-        self.num_classes = cfg.num_classes
+        super().__init__(config)
+        cfg = self.cfg
         self.transformer_top = CodeTransformer(cfg)
         self.transformer_bottom = CodeTransformer(cfg)
         self.top_encoder = TopEncoder(cfg)
