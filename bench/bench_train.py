@@ -1,25 +1,37 @@
-"""Time training steps on the CPU: stage-1 images/s (VQ-VAE, VQ-VAE-2) and stage-2 codes/s (the PixelCNN priors).
+"""Time training steps on the CPU: stage-1 images/s (VQ-VAE, VQ-VAE-2) and stage-2 codes/s (both prior families).
 
 Example:
-    python bench/bench_train.py            # default model sizes; about 5 minutes on a busy 2-core machine
+    python bench/bench_train.py            # default model sizes; about 7 minutes on a busy 2-core machine
     python bench/bench_train.py --steps 10 --max_seconds 60   # steadier numbers, on a quiet machine
+    python bench/bench_train.py --only families --family_presets small   # table (d) alone, small presets
     python bench/bench_train.py --quick    # tiny models, a smoke test
 
 A step is what common/trainer.py does: forward under autocast, backward, Adam step (DDP when there are 2 processes).
-Inputs are random tensors already in memory (32x32 RGB images; codes from an untrained VQ model, on 8x8 or 4x4 + 8x8
-grids), so data loading is not timed; neither are the --warmup steps. The global batch is the same in every column.
+Inputs are random tensors already in memory (32x32 RGB images, 64x64 for table (d)'s 16x16 grid; codes from an
+untrained VQ model, on 8x8, 4x4 + 8x8 or 16x16 grids), so data loading is not timed; neither are the --warmup steps.
+The global batch is the same in every column.
 Compared:
   (a) 1 process x 1 thread; 1 process x 2 threads (torch.set_num_threads); 2 processes x 1 thread, each taking half of
       the global batch under DDP over gloo, as torchrun runs the scripts;
   (b) --amp none against bf16 autocast, in 1 process with 1 thread;
   (c) a prior trained on cached codes (what the scripts do) against one that encodes the images with the frozen VQ
-      model in every step, in 1 process with 1 thread.
-(b) and (c) use 1 thread because on a shared machine a second OpenMP thread that waits for a busy core can slow a step
-down many times over, which would hide what is compared.
-codes/s counts the codes the prior is trained on: 64 per 8x8 grid, 16 + 64 per 4x4 + 8x8 pair. A GPU column is not
-measured: this machine has no GPU.
+      model in every step, in 1 process with 1 thread;
+  (d) the two prior families at about the same parameter count: the PixelCNN preset against the transformer preset of
+      the same name (--family_presets; the presets are sized to match, and both counts are printed), 512 codes, on
+      the same cached codes and global batch, in 1 process with 1 thread and --amp none. Each prior is timed in train
+      mode as its preset defines it (the default transformer preset has dropout 0.1, small none), with the position
+      table the training script gives it (the size of the code grid). Grids: 8x8 (VQ-VAE on 32x32 images), 4x4 + 8x8
+      (VQ-VAE-2 on 32x32 images) and 16x16 (VQ-VAE on 64x64 images): attention costs more per code on longer
+      sequences, the PixelCNN's convolutions do not. The last column is transformer codes/s over PixelCNN codes/s:
+      1 or more means the transformer trains at least as many codes per second. --only families runs this table
+      alone.
+(b), (c) and (d) use 1 thread because on a shared machine a second OpenMP thread that waits for a busy core can slow a
+step down many times over, which would hide what is compared.
+codes/s counts the codes the prior is trained on: 64 per 8x8 grid, 16 + 64 per 4x4 + 8x8 pair, 256 per 16x16 grid. A
+GPU column is not measured: this machine has no GPU.
 """
 
+import argparse
 import json
 import os
 import socket
@@ -37,11 +49,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from bench_sampling import cpu_model  # noqa: E402
 from common.cli import ArgumentParser, positive_float, positive_int  # noqa: E402
-from common.prior_training import LevelLosses  # noqa: E402
-from models import build_model  # noqa: E402
+from common.prior_training import FAMILIES, LevelLosses  # noqa: E402
+from models import build_model, count_parameters  # noqa: E402
 
 QUICK_VQ = dict(hidden_channels=16, res_channels=8, num_embeddings=32, embedding_dim=8)
 QUICK_PRIOR = dict(hidden_channels=16, num_layers=2, embedding_dim=8)
+QUICK_SIZES = {'pixelcnn': QUICK_PRIOR, 'transformer': dict(embed_dim=16, num_layers=2, num_heads=2, num_kv_heads=1)}
 # name -> (unit, VQ model kind, prior kind or None, encode the images in every step)
 WORKLOADS = {
     'vq_vae': ('images/s', 'vq_vae', None, False),
@@ -52,6 +65,8 @@ WORKLOADS = {
     'hierarchical_pixelcnn, encoding': ('codes/s', 'vq_vae2', 'hierarchical_pixelcnn', True),
 }
 PARALLEL = ('vq_vae', 'vq_vae2', 'pixelcnn', 'hierarchical_pixelcnn')  # the workloads of tables (a) and (b)
+# Table (d): code grid label -> (VQ model kind, image size) whose codes the priors are trained on
+GRIDS = {'8x8': ('vq_vae', 32), '4x4 + 8x8': ('vq_vae2', 32), '16x16': ('vq_vae', 64)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -74,12 +89,17 @@ def build(name, batch_size, quick):
             return vq_model.level_codes(images)  # {level: [B, h, w]}
 
     cached = codes()
+    return prior_step(prior, codes if encode else lambda: cached, cached)
 
+
+def prior_step(prior, codes, cached):
+    """(LevelLosses around `prior`, loss(model) for one step on the codes codes() returns, codes per step); `cached`:
+    codes of the same shapes, {level: [B, h, w]}."""
     def loss(model):
         # `model` is LevelLosses (maybe inside DDP): its forward prepares DDP's gradient all-reduce.
-        return sum(model(codes() if encode else cached, None, prior.levels).values())
+        return sum(model(codes(), None, prior.levels).values())
 
-    return LevelLosses(prior), loss, sum(grid[0].numel() for grid in cached.values()) * batch_size
+    return LevelLosses(prior), loss, sum(grid.numel() for grid in cached.values())
 
 
 def seconds_per_step(model, loss, amp, args, barrier=None):
@@ -126,6 +146,56 @@ def measure(name, args, threads, amp='none'):
 def batch_of(name, args):
     """The global batch size of a workload."""
     return args.prior_batch if WORKLOADS[name][2] else args.vq_batch
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The two prior families, table (d)
+
+def grid_codes(grid, batch_size, quick):
+    """(VQ model kind, codebook size, {level: codes [B, h, w]}) of a GRIDS entry: random images through an untrained
+    VQ model."""
+    vq_kind, image_size = GRIDS[grid]
+    torch.manual_seed(0)
+    vq_model = build_model(vq_kind, {**(QUICK_VQ if quick else {}), 'image_size': image_size}).eval()
+    images = torch.rand(batch_size, 3, image_size, image_size) * 2 - 1  # [B, 3, S, S] in [-1, 1]
+    with torch.no_grad():
+        return vq_kind, vq_model.num_embeddings, vq_model.level_codes(images)
+
+
+def family_config(family, preset, vq_kind, num_embeddings, codes, quick):
+    """(kind, config) of a family's preset, as the training script builds it: the preset (under the quick sizes with
+    --quick), the VQ model's codebook size and, for a family with a position table, the table the grid needs."""
+    kind = FAMILIES[family].kind(vq_kind)
+    config = {**FAMILIES[family].presets[preset], **(QUICK_SIZES[family] if quick else {}),
+              'num_embeddings': num_embeddings}
+    if 'max_height' in FAMILIES[family].config_class.__dataclass_fields__:
+        config.update(max_height=max(grid.shape[1] for grid in codes.values()),
+                      max_width=max(grid.shape[2] for grid in codes.values()))
+    return kind, config
+
+
+def measure_prior(kind, config, codes, args):
+    """Throughput of one prior, in train mode, on cached `codes` in 1 process x 1 thread, --amp none: (codes/s,
+    whether the warm-up step's time stands in)."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model, loss, items = prior_step(build_model(kind, config), lambda: codes, codes)
+    seconds, estimated = seconds_per_step(model, loss, 'none', args)
+    return items / seconds, estimated
+
+
+def measure_families(args):
+    """Table (d): [(preset, grid, {family: (parameters, codes/s, whether the warm-up step's time stands in)})]."""
+    encoded = {grid: grid_codes(grid, args.prior_batch, args.quick) for grid in GRIDS}  # the same for both families
+    rows = []
+    for preset in args.family_presets:
+        for grid, (vq_kind, num_embeddings, codes) in encoded.items():
+            results = {}
+            for family in FAMILIES:
+                kind, config = family_config(family, preset, vq_kind, num_embeddings, codes, args.quick)
+                results[family] = (count_parameters(kind, config), *measure_prior(kind, config, codes, args))
+            rows.append((preset, grid, results))
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -182,44 +252,84 @@ def native_bf16():
     return 'avx512_bf16' in flags or 'amx_bf16' in flags
 
 
+def parameters_text(count):
+    """'6.29M', or '21.3k' for a tiny model."""
+    return f'{count / 1e6:.2f}M' if count >= 100_000 else f'{count / 1e3:.1f}k'
+
+
+def print_families(rows):
+    """Table (d): for each preset and code grid, both families' parameters and codes/s, and their ratio."""
+    print('| preset | code grid | PixelCNN parameters | transformer parameters | PixelCNN codes/s | '
+          'transformer codes/s | transformer / PixelCNN |')
+    print('|---|---|---|---|---|---|---|')
+    for preset, grid, results in rows:
+        pixelcnn, transformer = results['pixelcnn'], results['transformer']  # (parameters, codes/s, estimated)
+        print(f'| {preset} | {grid} | {parameters_text(pixelcnn[0])} | {parameters_text(transformer[0])} | '
+              f'{rate_text(*pixelcnn[1:])} | {rate_text(*transformer[1:])} | {transformer[1] / pixelcnn[1]:.2f}x |')
+
+
 def main(args):
     # Setup
     if args.quick:
         args.vq_batch, args.prior_batch, args.steps = min(args.vq_batch, 8), min(args.prior_batch, 8), 1
     started = time.time()
+    everything = args.only is None
     print(f'torch {torch.__version__}, {torch.get_num_threads()} thread(s) by default, CPU: {cpu_model()} '
           f'({os.cpu_count()} logical cores), native bf16: {"yes" if native_bf16() else "no"}, '
           f'load average {os.getloadavg()[0]:.1f} at the start')
-    print(f'{"tiny test models" if args.quick else "default model sizes"}; 32x32 images; global batch '
-          f'{args.vq_batch} (stage 1), {args.prior_batch} (stage 2); {args.warmup} warm-up + up to {args.steps} timed '
-          f'step(s) each; Adam, float32 weights\n', flush=True)
+    stage1 = f'{args.vq_batch} (stage 1), ' if everything else ''
+    print(f'{"tiny test models" if args.quick else "default model sizes"}; 32x32 images (64x64 for the 16x16 codes '
+          f'of table (d)); global batch {stage1}{args.prior_batch} (stage 2); {args.warmup} warm-up + up to '
+          f'{args.steps} timed step(s) each; Adam, float32 weights; table (d): presets '
+          f'{", ".join(args.family_presets)}\n', flush=True)
 
     # Measure
-    one = {name: measure(name, args, threads=1) for name in PARALLEL}
-    two_threads = {name: measure(name, args, threads=2) for name in PARALLEL}
-    two_processes = measure_two_processes(args)
-    bf16 = {name: measure(name, args, threads=1, amp='bf16') for name in PARALLEL}
-    encoding = {name: measure(f'{name}, encoding', args, threads=1) for name in PARALLEL if WORKLOADS[name][2]}
+    if everything:
+        one = {name: measure(name, args, threads=1) for name in PARALLEL}
+        two_threads = {name: measure(name, args, threads=2) for name in PARALLEL}
+        two_processes = measure_two_processes(args)
+        bf16 = {name: measure(name, args, threads=1, amp='bf16') for name in PARALLEL}
+        encoding = {name: measure(f'{name}, encoding', args, threads=1) for name in PARALLEL if WORKLOADS[name][2]}
+    families = measure_families(args)
 
-    # (a) and (b)
-    print('| workload | global batch | unit | 1 proc x 1 thread | 1 proc x 2 threads | 2 procs x 1 thread (DDP, gloo) '
-          '| bf16 autocast, 1 proc x 1 thread |')
-    print('|---|---|---|---|---|---|---|')
-    for name in PARALLEL:
-        reference = one[name][0]
-        print(f'| {name} | {batch_of(name, args)} | {WORKLOADS[name][0]} | {rate_text(*one[name])} | '
-              f'{rate_text(*two_threads[name], reference)} | {rate_text(two_processes[name], False, reference)} | '
-              f'{rate_text(*bf16[name], reference)} |')
+    if everything:
+        # (a) and (b)
+        print('| workload | global batch | unit | 1 proc x 1 thread | 1 proc x 2 threads | '
+              '2 procs x 1 thread (DDP, gloo) | bf16 autocast, 1 proc x 1 thread |')
+        print('|---|---|---|---|---|---|---|')
+        for name in PARALLEL:
+            reference = one[name][0]
+            print(f'| {name} | {batch_of(name, args)} | {WORKLOADS[name][0]} | {rate_text(*one[name])} | '
+                  f'{rate_text(*two_threads[name], reference)} | {rate_text(two_processes[name], False, reference)} | '
+                  f'{rate_text(*bf16[name], reference)} |')
 
-    # (c)
-    print('\n| prior | global batch | codes/s, cached codes | codes/s, VQ encoding every step | cached / encoding |')
-    print('|---|---|---|---|---|')
-    for name, (rate, estimated) in encoding.items():
-        print(f'| {name} | {args.prior_batch} | {rate_text(*one[name])} | {rate_text(rate, estimated)} | '
-              f'{one[name][0] / rate:.2f}x |')
-    print(f'\nRatios in brackets: against 1 proc x 1 thread, --amp none. Table (c) runs in 1 process x 1 thread. '
-          f'~: the warm-up step alone took over {args.max_seconds:g} s, so its time stands in for timed steps. '
-          f'GPU: not measured, this machine has none. Took {time.time() - started:.0f} s.')
+        # (c)
+        print('\n| prior | global batch | codes/s, cached codes | codes/s, VQ encoding every step | '
+              'cached / encoding |')
+        print('|---|---|---|---|---|')
+        for name, (rate, estimated) in encoding.items():
+            print(f'| {name} | {args.prior_batch} | {rate_text(*one[name])} | {rate_text(rate, estimated)} | '
+                  f'{one[name][0] / rate:.2f}x |')
+        print()
+
+    # (d)
+    print_families(families)
+    tables = 'Ratios in brackets: against 1 proc x 1 thread, --amp none. Tables (c) and (d) run' if everything \
+        else 'Table (d) runs'
+    print(f'\n{tables} in 1 process x 1 thread; (d) gives both families the same codes and global batch '
+          f'({args.prior_batch}), the 16x16 codes from an untrained VQ-VAE on 64x64 images. ~: the warm-up step alone '
+          f'took over {args.max_seconds:g} s, so its time stands in for timed steps. GPU: not measured, this machine '
+          f'has none. Took {time.time() - started:.0f} s.')
+
+
+def preset_list(text):
+    """argparse type: comma-separated preset names that both prior families have, e.g. 'small,default'."""
+    known = [name for name in FAMILIES['pixelcnn'].presets if name in FAMILIES['transformer'].presets]
+    names = text.split(',')
+    unknown = [name for name in names if name not in known]
+    if unknown or not text:
+        raise argparse.ArgumentTypeError(f'expected comma-separated presets out of {", ".join(known)}, got {text!r}')
+    return names
 
 
 if __name__ == '__main__':
@@ -234,6 +344,12 @@ if __name__ == '__main__':
                              'step that alone takes longer stands in for the timed steps, marked ~ (default: 10)')
     parser.add_argument('--quick', action='store_true',
                         help='tiny models, batch 8 and 1 timed step, for a smoke test (default: off)')
+    parser.add_argument('--only', choices=['families'], default=None,
+                        help='run one table alone: families = table (d), the PixelCNN against the transformer prior '
+                             '(default: every table)')
+    parser.add_argument('--family_presets', type=preset_list, default='small,default',
+                        help='presets of table (d), comma-separated, out of small, default, large (default: '
+                             'small,default)')
     args = parser.parse_args()
     if args.vq_batch % 2 or args.prior_batch % 2:
         parser.error('--vq_batch and --prior_batch must be even: 2 processes take half of each')
