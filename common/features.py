@@ -22,7 +22,7 @@ from .errors import UserError
 
 FID_WEIGHTS_FILE = 'pt_inception-2015-12-05-6726825d.pth'
 FID_WEIGHTS_URL = f'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{FID_WEIGHTS_FILE}'
-CLASSIFIER_FORMAT = 1  # bump when SmallCNN or its training changes, so old cached classifiers are not re-used
+CLASSIFIER_FORMAT = 2  # bump when SmallCNN or its training changes, so old cached classifiers are not re-used
 
 
 def to_float(images):
@@ -136,6 +136,7 @@ class ClassifierSettings:
     batch_size: int = 128
     lr: float = 2e-3
     width: int = 16  # channels of the first conv block; the next two double it
+    outlier_weight: float = 0.5  # weight of the loss that teaches the classifier to be unsure on non-images
 
 
 class SmallCNN(nn.Module):
@@ -175,8 +176,34 @@ class SmallCNN(nn.Module):
         return self.extract(images, batch_size, device, desc='classifying')['probs']
 
 
+def outlier_images(images, generator):
+    """Images that belong to no class, made from a float batch [B, C, S, S] in [-1, 1], a third of each kind: uniform
+    noise; the batch's images cut into 2x2 or 4x4 patches and shuffled (their colours and edges, no shape); and two of
+    the batch's images joined along a random smooth boundary (parts of two objects: the blobs a weak prior draws)."""
+    B, C, S, _ = images.shape
+    n_shuffled, n_mixed = B // 3, B // 3
+    noise = torch.rand(B - n_shuffled - n_mixed, C, S, S, generator=generator) * 2 - 1
+    patch = 4 if S % 4 == 0 and torch.rand((), generator=generator) < 0.5 else 2 if S % 2 == 0 else 1
+    n = S // patch
+    patches = images[:n_shuffled].reshape(n_shuffled, C, n, patch, n, patch).permute(0, 2, 4, 1, 3, 5).flatten(1, 2)
+    order = torch.rand(n_shuffled, n * n, generator=generator).argsort(1)  # one permutation of the patches per image
+    shuffled = patches[torch.arange(n_shuffled)[:, None], order]  # (n_shuffled, n*n, C, patch, patch)
+    shuffled = shuffled.reshape(n_shuffled, n, n, C, patch, patch).permute(0, 3, 1, 4, 2, 5).reshape(-1, C, S, S)
+    first = images[n_shuffled:n_shuffled + n_mixed]
+    mask = F.interpolate(torch.rand(n_mixed, 1, 4, 4, generator=generator), size=(S, S), mode='bilinear',
+                         align_corners=False) > 0.5  # a few smooth regions
+    mixed = torch.where(mask.to(images.device), first, first.roll(1, dims=0))
+    return torch.cat([shuffled, mixed, noise.to(images.device)])
+
+
 def train_classifier(images, labels, num_classes, settings, seed=0, device='cpu', desc='training classifier'):
-    """A SmallCNN trained with Adam on uint8 images [N, C, S, S] and labels [N]; returned in eval mode."""
+    """A SmallCNN trained with Adam on uint8 images [N, C, S, S] and labels [N]; returned in eval mode.
+
+    Outlier exposure (Hendrycks et al. 2019): every step also shows half a batch of `outlier_images`, whose target
+    is the uniform distribution over the classes, with weight `settings.outlier_weight`. Without it a softmax
+    classifier called uniform noise some class with near certainty, and the share of samples it is confident about
+    (evaluate.py's confident_fraction) rewarded noise as much as good samples.
+    """
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = SmallCNN(images.shape[1], num_classes, settings.width).to(device)
@@ -194,8 +221,12 @@ def train_classifier(images, labels, num_classes, settings, seed=0, device='cpu'
                 if step == total_steps:
                     break
                 index = order[start:start + settings.batch_size]
-                _, logits = model(to_float(images[index]).to(device))
-                loss = F.cross_entropy(logits, labels[index].to(device))
+                batch = to_float(images[index])
+                outliers = outlier_images(batch[:len(batch) // 2], generator) if settings.outlier_weight else None
+                _, logits = model(torch.cat([batch, outliers]).to(device) if outliers is not None else batch.to(device))
+                loss = F.cross_entropy(logits[:len(batch)], labels[index].to(device))
+                if outliers is not None:  # cross-entropy against the uniform distribution
+                    loss = loss - settings.outlier_weight * logits[len(batch):].log_softmax(1).mean()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

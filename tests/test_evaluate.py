@@ -15,7 +15,7 @@ import evaluate
 from common.data import build_dataset, to_uint8
 from common.errors import UserError
 from common.features import (FID_WEIGHTS_URL, ClassifierSettings, build_fid_inception, dataset_classifier,
-                             load_fid_inception)
+                             load_fid_inception, load_images, outlier_images, to_float, train_classifier)
 from evaluate import check_samples, decode_codes_file, load_vq_for_codes, read_codes_file, read_sample_folder
 from helpers import assert_one_line_error, assert_succeeded, finish, run_in_process, script_env, start_script
 from models import VQVAE, VQVAE2, save_checkpoint
@@ -23,8 +23,8 @@ from models import VQVAE, VQVAE2, save_checkpoint
 pytestmark = pytest.mark.usefixtures('single_thread')
 
 NUM_SAMPLES = 300
-# A classifier that trains in a few seconds: 30 steps on 1500 shapes; the same settings for CAS and its baseline.
-TINY_CLASSIFIER = ['--classifier_num_train', '1500', '--classifier_epochs', '1', '--classifier_min_steps', '30']
+# A classifier that trains in a few seconds: 100 steps on 1500 shapes; the same settings for CAS and its baseline.
+TINY_CLASSIFIER = ['--classifier_num_train', '1500', '--classifier_epochs', '1', '--classifier_min_steps', '100']
 TINY_VQ = dict(image_size=16, hidden_channels=16, res_channels=8, num_res_blocks=1, num_embeddings=16, embedding_dim=8)
 SHAPES_INFO = build_dataset('shapes', 'test', 32, num_samples=1)[1]
 
@@ -152,7 +152,7 @@ def test_real_images_score_near_the_floor_and_noise_far_worse(paths, runs, monke
     assert n['fid'] > 50 * r['fid_train_vs_test'] and n['kid_mean'] > 100 * abs(r['kid_mean'])
     assert r['precision'] > 0.8 and r['recall'] > 0.8 and n['precision'] < 0.2 and n['recall'] < 0.2
     assert r['classifier_test_accuracy'] > 0.3 and r['classifier_test_accuracy'] == n['classifier_test_accuracy']
-    assert 0 <= r['confident_fraction'] <= 1
+    assert r['confident_fraction'] > 0.2 and n['confident_fraction'] < 0.05  # noise is no shape (outlier exposure)
     assert {'cas', 'cas_real_baseline'} <= set(r) and not {'cas', 'cas_real_baseline'} & set(n)
     assert 0 <= r['cas'] <= 1 and 0 <= r['cas_real_baseline'] <= 1
 
@@ -303,6 +303,39 @@ def test_classifier_cache_key(tmp_path, monkeypatch):
     assert len(os.listdir(tmp_path / 'cache')) == 2
     probs = again.predict_proba(torch.zeros(3, 3, 16, 16, dtype=torch.uint8))
     assert probs.shape == (3, 6) and torch.allclose(probs.sum(1), torch.ones(3))
+
+
+def test_outlier_images_are_shuffled_patches_joined_pairs_and_noise():
+    images = to_float(load_images(build_dataset('shapes', 'test', 32, num_samples=9)[0], desc='shapes')[0])
+    outliers = outlier_images(images, torch.Generator().manual_seed(0))
+    assert outliers.shape == images.shape and outliers.min() >= -1 and outliers.max() <= 1
+    # The first third: each image's own pixels in another order.
+    for image, shuffled in zip(images[:3], outliers[:3]):
+        assert not torch.equal(image, shuffled)
+        assert torch.equal(image.flatten(1).sort(1).values, shuffled.flatten(1).sort(1).values)
+    # The second: every pixel from one of two images, both of them present.
+    for i, mixed in zip(range(3, 6), outliers[3:6]):
+        a, b = images[i], images[5 if i == 3 else i - 1]
+        from_a, from_b = (mixed == a).all(0), (mixed == b).all(0)
+        assert (from_a | from_b).all() and (from_a & ~from_b).any() and (from_b & ~from_a).any()
+    levels = (outliers[6:] + 1) * 127.5  # 8-bit pixel values of real images are whole numbers here
+    assert (levels - levels.round()).abs().mean() > 0.1  # the last third: continuous noise, not pixels of an image
+
+
+def test_classifier_is_confident_on_shapes_but_not_on_noise_shuffled_or_joined_shapes():
+    """Without outlier exposure the classifier called uniform noise a shape with probability ~1 (a diffuse prior's
+    noise samples then scored 100% confident); with it, only real-looking images are confident."""
+    train, _ = build_dataset('shapes', 'train', 32, num_samples=1500)
+    images, labels = load_images(train, desc='shapes')
+    model = train_classifier(images, labels, 6, ClassifierSettings(epochs=1, min_steps=300, batch_size=64))
+    test_images, test_labels = load_images(build_dataset('shapes', 'test', 32, num_samples=300)[0], desc='shapes')
+
+    def confident(uint8_images):
+        return float((model.predict_proba(uint8_images).max(1).values >= 0.9).float().mean())
+    noise = torch.randint(0, 256, (300, 3, 32, 32), dtype=torch.uint8)
+    made = to_uint8(outlier_images(to_float(test_images), torch.Generator().manual_seed(1)))  # shuffled, joined
+    assert confident(test_images) > 0.8
+    assert confident(noise) < 0.05 and confident(made[:100]) < 0.2 and confident(made[100:200]) < 0.3
 
 
 def test_fid_inception_loads_a_local_weights_file_only(tmp_path):

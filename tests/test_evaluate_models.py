@@ -21,7 +21,7 @@ from models import load_model
 # near 0.4, a decoder worse than uniform pixels (8.4 bits/dim); this one reaches an MSE near 0.05 in a few seconds.
 STAGE1 = [*TINY_STAGE1, '--image_size', '16', '--downsample', '2', '--epochs', '5', '--max_steps', '150']
 # A feature classifier that trains in a few seconds, the same recipe for CAS and its baseline.
-TINY_CLASSIFIER = ['--classifier_num_train', '1500', '--classifier_epochs', '1', '--classifier_min_steps', '30']
+TINY_CLASSIFIER = ['--classifier_num_train', '1500', '--classifier_epochs', '1', '--classifier_min_steps', '100']
 NUM_SAMPLES = 60  # ten per shape class
 
 
