@@ -242,11 +242,13 @@ def fit_decoder_scales(vq, data, args):
 
 
 @torch.no_grad()
-def evaluate_model(vq, prior, test, log_scales, args):
+def evaluate_model(vq, prior, test, log_scales, args, classifier=None):
     """Reconstruction, code statistics, the prior's bits per code and bits per dimension on the test split `test`
-    (uint8 images [N, C, S, S], labels [N]). Without a prior, the prior's numbers and the total are None."""
+    (uint8 images [N, C, S, S], labels [N]). Without a prior, the prior's numbers and the total are None. With the
+    dataset `classifier`, also how it sees the 8-bit reconstructions: the share it gives a class with probability
+    >= --confidence (the most a prior's samples can reach, as they are decoded by the same model) and its accuracy."""
     images, labels = test
-    squared_error, decoder_bits = 0.0, 0.0
+    squared_error, decoder_bits, confident, correct = 0.0, 0.0, 0, 0
     counts = {level: torch.zeros(vq.num_embeddings, dtype=torch.long) for level in vq.levels}
     nats = {level: 0.0 for level in vq.levels}  # -ln p(codes of the level), summed over the test split
     for start, x, codes, recon in model_batches(vq, images, args.batch_size, args.device, 'test split'):
@@ -254,6 +256,10 @@ def evaluate_model(vq, prior, test, log_scales, args):
         decoder_bits += float(discretized_gaussian_bits_per_dim(x, recon, log_scales).sum())
         for level, grid in codes.items():
             counts[level] += torch.bincount(grid.flatten().cpu(), minlength=vq.num_embeddings)
+        if classifier is not None:
+            probs = classifier(to_float(to_uint8(recon)).to(args.device))[1].softmax(1).cpu()
+            confident += int((probs.max(1).values >= args.confidence).sum())
+            correct += int((probs.argmax(1) == labels[start:start + len(x)]).sum())
         if prior is not None:
             batch_labels = None if prior.num_classes is None else labels[start:start + len(x)].to(args.device)
             for level, value in prior.level_losses(codes, batch_labels, reduction='sum').items():
@@ -266,6 +272,9 @@ def evaluate_model(vq, prior, test, log_scales, args):
     for level in vq.levels:
         perplexity, usage = code_statistics(counts[level])
         reconstruction[f'perplexity/{level}'], reconstruction[f'code_usage/{level}'] = float(perplexity), float(usage)
+    if classifier is not None:
+        reconstruction['confident_fraction'] = confident / num_images
+        reconstruction['classifier_accuracy'] = correct / num_images
     result = {'reconstruction': reconstruction, 'decoder_log_scales': log_scales.tolist()}
     if prior is None:
         return {**result, 'prior': None, 'bits_per_dim': None, 'latent_bits_per_dim': None,
@@ -391,7 +400,9 @@ def print_model_table(result):
     print(f'{"metric":<26}{"value":>10}  note')
     notes = {'psnr': 'dB', 'decoder_bits_per_dim': f'discretised Gaussian, scales fitted on {result["num_fit"]} '
                                                    f'train images',
-             'bits_per_dim': 'an upper bound on -log2 p(x); uniform pixels: 8'}
+             'bits_per_dim': 'an upper bound on -log2 p(x); uniform pixels: 8',
+             'confident_fraction': 'of reconstructions, dataset classifier: the ceiling for samples',
+             'classifier_accuracy': 'of reconstructions, dataset classifier'}
     prior = result['prior']
     if prior is None:
         notes['latent_bits_per_dim'] = notes['bits_per_dim'] = 'needs a prior: give --prior_checkpoint'
@@ -477,7 +488,8 @@ def main(args):
             log_scales, num_fit = fit_decoder_scales(vq, data, args)
             result.update({'vq_checkpoint': args.vq_checkpoint, 'prior_checkpoint': args.prior_checkpoint,
                            'num_test': len(test[0]), 'num_fit': num_fit})
-            result.update(evaluate_model(vq, prior, test, log_scales, args))
+            classifier = load_classifier(args, test)[0] if args.num_classes >= 2 else None
+            result.update(evaluate_model(vq, prior, test, log_scales, args, classifier))
 
         # Samples
         if drawing:

@@ -168,7 +168,8 @@ def test_codes_file_is_decoded_with_the_vq_checkpoints_data_settings(paths, runs
     assert result['image_size'] == 16 and result['num_samples'] == 8 and result['class_conditional']
     assert 'cas' in result['scores']
     # --vq_checkpoint is evaluated as a model too: without a prior, reconstruction and the decoder's bits only.
-    assert set(result['reconstruction']) == {'mse', 'psnr', 'perplexity/flat', 'code_usage/flat'}
+    assert set(result['reconstruction']) == {'mse', 'psnr', 'perplexity/flat', 'code_usage/flat',
+                                             'confident_fraction', 'classifier_accuracy'}
     assert result['decoder_bits_per_dim'] > 0 and result['bits_per_dim'] is None and result['num_fit'] == 100
     assert not os.path.exists(os.path.join(paths['root'], 'out_codes'))  # --json elsewhere: out_dir untouched
     # Cached: the 32px feature classifier and CAS baseline (300 images); the 16px ones (baseline of 8 images). (The

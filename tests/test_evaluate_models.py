@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from common.codes import extract_codes
-from common.data import build_dataset
+from common.data import build_dataset, to_uint8
+from common.features import SmallCNN, to_float
 from common.metrics import discretized_gaussian_bits_per_dim
 from evaluate import read_sample_folder
 from helpers import (TINY_PRIOR, TINY_STAGE1, assert_one_line_error, assert_succeeded, derive_checkpoint,
@@ -94,12 +95,27 @@ def test_latent_and_decoder_parts_match_an_independent_computation(trained, mode
     decoder = discretized_gaussian_bits_per_dim(images, recon, torch.tensor(result['decoder_log_scales']))
     assert result['decoder_bits_per_dim'] == pytest.approx(float(decoder.mean()), rel=1e-5)
 
+    # How the dataset classifier (the cached one this run used: 1500 training images) sees the 8-bit reconstructions.
+    folder = trained['classifiers']
+    states = [torch.load(os.path.join(folder, name), weights_only=True) for name in sorted(os.listdir(folder))
+              if name.startswith('classifier_shapes_16px_')]
+    state, = [state for state in states if state['key']['num_train'] == 1500]
+    classifier = SmallCNN(**state['config'])
+    classifier.load_state_dict(state['model'])
+    with torch.no_grad():
+        probs = classifier.eval()(to_float(to_uint8(recon)))[1].softmax(1)
+    reconstruction = result['reconstruction']
+    assert reconstruction['confident_fraction'] == pytest.approx(float((probs.max(1).values >= 0.9).float().mean()),
+                                                                 abs=1e-3)
+    assert reconstruction['classifier_accuracy'] == pytest.approx(
+        float((probs.argmax(1) == codes['labels']).float().mean()), abs=1e-3)
+
 
 def test_models_mode_writes_every_section_and_scores_class_balanced_samples(trained, models_run):
     stdout, result = models_run
     reconstruction = result['reconstruction']
     assert set(reconstruction) == {'mse', 'psnr', 'perplexity/top', 'perplexity/bottom', 'code_usage/top',
-                                   'code_usage/bottom'}
+                                   'code_usage/bottom', 'confident_fraction', 'classifier_accuracy'}
     assert reconstruction['psnr'] == pytest.approx(10 * math.log10(4 / reconstruction['mse']))
     assert 1 <= reconstruction['perplexity/bottom'] <= 32 and 0 < reconstruction['code_usage/bottom'] <= 1
     assert set(result['prior']) == {'bits_per_code/top', 'bits_per_code/bottom', 'bits_per_code'}
@@ -119,10 +135,12 @@ def test_models_mode_writes_every_section_and_scores_class_balanced_samples(trai
 
 def test_without_a_prior_only_the_decoder_part_is_reported(stage1, tmp_path):
     result = run_ok(['evaluate.py', '--vq_checkpoint', stage1['vq_vae'].path(), '--num_fit', '200',
-                     '--json', tmp_path / 'eval.json', '--out_dir', tmp_path / 'unused', '--device', 'cpu'])
+                     '--json', tmp_path / 'eval.json', '--out_dir', tmp_path / 'unused', '--device', 'cpu',
+                     '--classifier_dir', tmp_path / 'classifiers', *TINY_CLASSIFIER])  # its own: other data
     with open(tmp_path / 'eval.json') as f:
         evaluation = json.load(f)
-    assert set(evaluation['reconstruction']) == {'mse', 'psnr', 'perplexity/flat', 'code_usage/flat'}
+    assert set(evaluation['reconstruction']) == {'mse', 'psnr', 'perplexity/flat', 'code_usage/flat',
+                                                 'confident_fraction', 'classifier_accuracy'}
     assert evaluation['prior'] is None and evaluation['latent_bits_per_dim'] is None
     assert evaluation['bits_per_dim'] is None and evaluation['decoder_bits_per_dim'] > 0
     assert 'scores' not in evaluation and not os.path.exists(tmp_path / 'unused')
