@@ -20,8 +20,8 @@ a class with probability >= --confidence, and for class-conditional samples the 
 each beside a real-data reference.
 
 Features come from a small CNN that this script trains on the dataset's training split on the first run (with
-outlier exposure, so that noise gets no confident class) and caches under <data_dir>/eval_classifier/ (--features classifier, the offline default), or from the standard FID
-Inception-v3 of pytorch-fid (--features inception; its weights file must be on disk). The real data is seeded by the
+outlier exposure, so that noise gets no confident class) and caches under <data_dir>/eval_classifier/ (--features
+classifier, the offline default), or from the standard FID Inception-v3 of pytorch-fid (--features inception; its weights file must be on disk). The real data is seeded by the
 VQ checkpoint's data seed, else --seed; --seed also seeds every random subset and the samples. Writes
 <out_dir>/eval.json (or --json) and prints a table.
 """
@@ -482,13 +482,14 @@ def main(args):
     with OutputDir(args.out_dir, enabled=args.json is None or args.wandb):
         result = {'dataset': args.dataset, 'image_size': args.image_size}
         test = load_test_split(args)  # (uint8 images [N, C, S, S], labels [N])
+        # The dataset classifier (trained once, then read from its cache) serves both the model and the samples.
+        classifier, record = load_classifier(args, test) if args.num_classes >= 2 else (None, None)
 
         # Model
         if vq is not None:
             log_scales, num_fit = fit_decoder_scales(vq, data, args)
             result.update({'vq_checkpoint': args.vq_checkpoint, 'prior_checkpoint': args.prior_checkpoint,
                            'num_test': len(test[0]), 'num_fit': num_fit})
-            classifier = load_classifier(args, test)[0] if args.num_classes >= 2 else None
             result.update(evaluate_model(vq, prior, test, log_scales, args, classifier))
 
         # Samples
@@ -497,7 +498,7 @@ def main(args):
             if args.save_samples is not None:
                 save_sample_folder(args.save_samples, images, labels)
         if args.samples is not None or drawing:
-            result.update(score(images, labels, test, info, network, args))
+            result.update(score(images, labels, test, classifier, record, network, args))
 
         report(result, json_path, vq is not None, args)
 
@@ -549,12 +550,12 @@ def apply_data_settings(args, data):
     args.classifier_dir = args.classifier_dir or os.path.join(args.data_dir, 'eval_classifier')
 
 
-def score(images, labels, test, info, network, args):
+def score(images, labels, test, classifier, record, network, args):
     """The result entries about uint8 samples [N, C, S, S] (class labels [N] or None) scored against the real test
-    split `test`: their counts and 'scores'. `network` is the Inception network with --features inception."""
-    scores, classifier = {}, None
-    if info['num_classes'] >= 2:
-        classifier, record = load_classifier(args, test)
+    split `test`: their counts and 'scores'. `classifier` and `record` are the dataset classifier and its training
+    record (None for a single-class dataset); `network` is the Inception network with --features inception."""
+    scores = {}
+    if classifier is not None:
         scores['classifier_test_accuracy'] = record['test_accuracy']
     if args.features == 'classifier':
         network = classifier
