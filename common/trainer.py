@@ -47,6 +47,9 @@ def add_training_flags(parser, epochs, batch_size):
                              f'explicit --lr overrides)')
     parser.add_argument('--lr_schedule', default='constant', choices=['constant', 'cosine'],
                         help='learning-rate schedule over all steps (default: constant)')
+    parser.add_argument('--warmup_steps', type=nonnegative_int, default=0,
+                        help='raise the learning rate linearly from lr/N to lr over the first N steps, then follow '
+                             '--lr_schedule; lets a transformer prior train at a higher --lr (default: 0, no warm-up)')
     parser.add_argument('--max_steps', type=positive_int, default=None,
                         help='stop after this many optimizer steps, e.g. for smoke runs (default: no limit)')
     parser.add_argument('--max_minutes', type=positive_float, default=None,
@@ -111,22 +114,26 @@ class EpochBatchSampler(Sampler):
             yield order[first:first + self.local_batch].tolist()
 
 
-def build_lr_scheduler(optimizer, schedule, total_steps, progress=None):
-    """Constant, or cosine decay to zero over the run; a LambdaLR whose state goes into checkpoints.
+def build_lr_scheduler(optimizer, schedule, total_steps, progress=None, warmup_steps=0):
+    """Constant, or cosine decay to zero over the run, after a linear warm-up over the first `warmup_steps` steps;
+    a LambdaLR whose state goes into checkpoints.
 
     The run's progress is step / `total_steps`, or `progress()` (the fraction of a time budget spent) when further.
     """
+    def warmup(step):
+        return min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+
     if schedule == 'constant':
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup)
     time_fraction = progress or (lambda: 0.0)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup(step) * 0.5 * (1 + math.cos(math.pi * min(
         1.0, max(step / total_steps, time_fraction())))))
 
 
 # Flags that fix the data order and the optimisation; --resume takes them from the checkpoint, so that a resumed run
 # continues the same run. --epochs and --max_steps stay as given, to allow training for longer, and an explicit --lr
 # overrides the checkpoint's (e.g. a lower one after the loss became NaN).
-RESUMED_FLAGS = ('batch_size', 'lr', 'lr_schedule', 'seed', 'amp', 'weight_decay')
+RESUMED_FLAGS = ('batch_size', 'lr', 'lr_schedule', 'warmup_steps', 'seed', 'amp', 'weight_decay')
 
 
 def apply_resume_flags(args, state, path):
@@ -200,7 +207,8 @@ class Trainer:
         else:
             self.optimizer = torch.optim.Adam(self.raw_model.parameters(), lr=args.lr)
         self.train_seconds, self.out_of_time, self.epoch_started = 0.0, False, None
-        self.scheduler = build_lr_scheduler(self.optimizer, args.lr_schedule, self.total_steps, self.progress)
+        self.scheduler = build_lr_scheduler(self.optimizer, args.lr_schedule, self.total_steps, self.progress,
+                                            args.warmup_steps)
         self.scaler = torch.amp.GradScaler(device.type, enabled=args.amp == 'fp16')
         self.epoch, self.step, self.batch_in_epoch, self.best_score, self.run_id = 0, 0, 0, math.inf, None
         self.metrics, self.skipped = {}, 0

@@ -13,7 +13,7 @@ import tempfile
 
 import torch
 
-FORMAT_VERSION = 2  # 2: per-level 'code_shapes' in prior checkpoints
+FORMAT_VERSION = 3  # 2: per-level 'code_shapes' in prior checkpoints; 3: transformer priors name their activation
 
 
 class CheckpointError(ValueError):
@@ -90,10 +90,14 @@ def load_checkpoint(path, kinds=None, map_location='cpu'):
 
 
 def _upgrade(state):
-    """Bring a checkpoint of an older format up to date: format 1 stored a prior's grids as 'code_shape'."""
-    if state.get('format_version', 1) < 2 and 'code_shape' in state and 'code_shapes' not in state:
+    """Bring a checkpoint of an older format up to date: format 1 stored a prior's grids as 'code_shape'; before
+    format 3 every transformer prior used GELU, the default since being SiLU."""
+    version = state.get('format_version', 1)
+    if version < 2 and 'code_shape' in state and 'code_shapes' not in state:
         shape = state.pop('code_shape')
         state['code_shapes'] = shape if isinstance(shape, dict) else {'flat': shape}
+    if version < 3 and state['kind'] in ('transformer', 'hierarchical_transformer'):
+        state['config'].setdefault('activation', 'gelu')
     return state
 
 

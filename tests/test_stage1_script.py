@@ -114,7 +114,8 @@ def test_mixed_precision_trains_and_writes_a_finite_float32_checkpoint(tmp_path,
         assert state['scaler'] == {}
 
 
-def test_a_cosine_schedule_sets_the_learning_rate_of_every_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize('schedule, warmup', [('cosine', 0), ('cosine', 3), ('constant', 3)])
+def test_the_schedule_and_warmup_set_the_learning_rate_of_every_checkpoint(tmp_path, monkeypatch, schedule, warmup):
     saved = []
     real_save = Trainer.save
 
@@ -125,14 +126,20 @@ def test_a_cosine_schedule_sets_the_learning_rate_of_every_checkpoint(tmp_path, 
     monkeypatch.setattr(Trainer, 'save', save_and_read_back)
     # 4 steps per epoch for 2 epochs, cut to 6 steps: the cosine spans the 6 steps that will run.
     run_ok(['main.py', '--arch', 'vq_vae', *SHORT, '--epochs', '2', '--max_steps', '6', '--lr', '1e-3',
-            '--lr_schedule', 'cosine', '--save_every_steps', '1'], tmp_path)
+            '--lr_schedule', schedule, '--warmup_steps', str(warmup), '--save_every_steps', '1'], tmp_path)
     steps = [state['step'] for state in saved]
     assert sorted(set(steps)) == list(range(1, 7))
     for state in saved:
-        expected = 1e-3 * 0.5 * (1 + math.cos(math.pi * state['step'] / 6))
-        assert state['optimizer']['param_groups'][0]['lr'] == pytest.approx(expected, abs=1e-12), state['step']
-        assert state['scheduler']['last_epoch'] == state['step']
-    assert saved[-1]['optimizer']['param_groups'][0]['lr'] == pytest.approx(0, abs=1e-12)
+        # The learning rate of the next step, the step-th counted from 0: warm-up factor times the schedule's.
+        step = state['step']
+        factor = min(1, (step + 1) / warmup) if warmup else 1
+        if schedule == 'cosine':
+            factor *= 0.5 * (1 + math.cos(math.pi * step / 6))
+        assert state['optimizer']['param_groups'][0]['lr'] == pytest.approx(1e-3 * factor, abs=1e-12), step
+        assert state['scheduler']['last_epoch'] == step
+        assert state['args']['warmup_steps'] == warmup
+    if schedule == 'cosine':
+        assert saved[-1]['optimizer']['param_groups'][0]['lr'] == pytest.approx(0, abs=1e-12)
 
 
 @pytest.fixture(scope='module')

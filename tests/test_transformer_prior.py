@@ -6,6 +6,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import models.transformer_prior as transformer_prior
+from models import load_model
+from models.prior import CodePrior
 from models.config import ConfigError
 from models.transformer_prior import (TRANSFORMER_PRESETS, HierarchicalTransformerPrior, TransformerConfig,
                                       TransformerPrior)
@@ -297,7 +299,7 @@ def test_a_few_steps_fit_a_fixed_batch():
 @pytest.mark.parametrize('cls', [TransformerPrior, HierarchicalTransformerPrior])
 def test_rebuilt_from_config_and_state_dict_gives_identical_logits(cls, tmp_path):
     model = tiny_prior(cls, num_classes=3, dropout=0.2)
-    assert all(isinstance(value, (int, float, type(None))) for value in model.config.values())
+    assert all(isinstance(value, (int, float, str, type(None))) for value in model.config.values())
     torch.save({'kind': model.kind, 'config': model.config, 'model': model.state_dict()}, tmp_path / 'prior.pth')
     state = torch.load(tmp_path / 'prior.pth', weights_only=True)
     rebuilt = cls(**state['config'])
@@ -315,10 +317,48 @@ def test_rebuilt_from_config_and_state_dict_gives_identical_logits(cls, tmp_path
 def test_config_defaults_and_presets():
     config = TransformerPrior().config
     assert config == TransformerConfig().to_dict()
-    assert (config['embed_dim'], config['num_layers'], config['num_heads'], config['dropout']) == (256, 8, 8, 0.1)
+    assert (config['embed_dim'], config['num_layers'], config['num_heads'], config['dropout']) == (352, 4, 8, 0.1)
+    assert config['activation'] == 'silu'
     assert set(TRANSFORMER_PRESETS) == {'small', 'default', 'large'}
     for preset in TRANSFORMER_PRESETS.values():
         TransformerConfig(**preset)
+
+
+@pytest.mark.parametrize('kind, cls', [('transformer', TransformerPrior),
+                                       ('hierarchical_transformer', HierarchicalTransformerPrior)])
+def test_a_checkpoint_from_before_the_activation_option_loads_with_gelu(kind, cls, tmp_path):
+    """Format-2 files have no 'activation' and were trained with GELU; loading must rebuild GELU, not the new SiLU."""
+    model = tiny_prior(cls, activation='gelu')
+    config = {name: value for name, value in model.config.items() if name != 'activation'}
+    torch.save({'format_version': 2, 'kind': kind, 'config': config, 'model': model.state_dict()},
+               tmp_path / 'old.pth')
+    loaded = load_model(str(tmp_path / 'old.pth')).eval()
+    assert loaded.config['activation'] == 'gelu'
+    codes = (random_codes(2, 3, 3), random_codes(2, 6, 6))
+    with torch.no_grad():
+        if cls is TransformerPrior:
+            assert torch.equal(loaded(codes[1]), model(codes[1]))
+        else:
+            for a, b in zip(loaded(*codes), model(*codes)):
+                assert torch.equal(a, b)
+    assert tiny_prior(cls).config['activation'] == 'silu'  # and a new prior uses SiLU
+
+
+@pytest.mark.parametrize('reduction', ['mean', 'sum'])
+@pytest.mark.parametrize('cls, levels', [(TransformerPrior, None), (HierarchicalTransformerPrior, None),
+                                         (HierarchicalTransformerPrior, ('top',)),
+                                         (HierarchicalTransformerPrior, ('bottom',))])
+def test_fast_level_losses_equal_cross_entropy_of_the_level_logits(cls, levels, reduction):
+    """The priors compute their losses from [B*T, K] logits; the reference is CodePrior's, from level_logits."""
+    model = tiny_prior(cls, num_classes=3, dropout=0.0).double()
+    codes = {'top': random_codes(2, 3, 3), 'bottom': random_codes(2, 6, 5, seed=3)} if cls is not TransformerPrior \
+        else {'flat': random_codes(2, 6, 5)}
+    labels = torch.tensor([1, 2])
+    fast = model.level_losses(codes, labels, levels, reduction)
+    reference = CodePrior.level_losses(model, codes, labels, levels, reduction)
+    assert list(fast) == list(reference)
+    for level in fast:
+        torch.testing.assert_close(fast[level], reference[level], rtol=1e-12, atol=1e-12)
 
 
 class StubVQ(nn.Module):
