@@ -324,7 +324,8 @@ class TopEncoder(nn.Module):
         self.position = GridEmbedding(cfg.max_height, cfg.max_width, cfg.embed_dim)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList([Block(cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.dropout,
-                                           causal=False, activation=cfg.activation) for _ in range(cfg.top_encoder_layers)])
+                                           causal=False, activation=cfg.activation)
+                                     for _ in range(cfg.top_encoder_layers)])
         self.ln_f = nn.LayerNorm(cfg.embed_dim)
 
     def forward(self, codes_top, bottom_shape):
