@@ -21,9 +21,9 @@ each beside a real-data reference.
 
 Features come from a small CNN that this script trains on the dataset's training split on the first run (with
 outlier exposure, so that noise gets no confident class) and caches under <data_dir>/eval_classifier/ (--features
-classifier, the offline default), or from the standard FID Inception-v3 of pytorch-fid (--features inception; its weights file must be on disk). The real data is seeded by the
-VQ checkpoint's data seed, else --seed; --seed also seeds every random subset and the samples. Writes
-<out_dir>/eval.json (or --json) and prints a table.
+classifier, the offline default), or from the standard FID Inception-v3 of pytorch-fid (--features inception; its
+weights file must be on disk). The real data is seeded by the VQ checkpoint's data seed, else --seed; --seed also
+seeds every random subset and the samples. Writes <out_dir>/eval.json (or --json) and prints a table.
 """
 
 import argparse

@@ -223,7 +223,7 @@ def train_classifier(images, labels, num_classes, settings, seed=0, device='cpu'
                 index = order[start:start + settings.batch_size]
                 batch = to_float(images[index])
                 outliers = outlier_images(batch[:len(batch) // 2], generator) if settings.outlier_weight else None
-                _, logits = model(torch.cat([batch, outliers]).to(device) if outliers is not None else batch.to(device))
+                _, logits = model((batch if outliers is None else torch.cat([batch, outliers])).to(device))
                 loss = F.cross_entropy(logits[:len(batch)], labels[index].to(device))
                 if outliers is not None:  # cross-entropy against the uniform distribution
                     loss = loss - settings.outlier_weight * logits[len(batch):].log_softmax(1).mean()

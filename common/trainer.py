@@ -120,14 +120,15 @@ def build_lr_scheduler(optimizer, schedule, total_steps, progress=None, warmup_s
 
     The run's progress is step / `total_steps`, or `progress()` (the fraction of a time budget spent) when further.
     """
-    def warmup(step):
-        return min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
-
-    if schedule == 'constant':
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup)
     time_fraction = progress or (lambda: 0.0)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup(step) * 0.5 * (1 + math.cos(math.pi * min(
-        1.0, max(step / total_steps, time_fraction())))))
+
+    def factor(step):
+        warmup = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+        if schedule == 'constant':
+            return warmup
+        return warmup * 0.5 * (1 + math.cos(math.pi * min(1.0, max(step / total_steps, time_fraction()))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 # Flags that fix the data order and the optimisation; --resume takes them from the checkpoint, so that a resumed run

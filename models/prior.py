@@ -69,6 +69,17 @@ def sample_from_logits(logits, temperature=1.0, top_k=None, generator=None, top_
     return (cdf < uniform).sum(dim=1).clamp_(max=logits.shape[1] - 1)
 
 
+def code_cross_entropy(logits, codes, reduction='mean'):
+    """Cross-entropy in nats of codes [B, h, w] under logits [B, K, h, w], mean or summed over the codes.
+
+    Logits whose classes lie innermost in memory (a transformer's [B, h*w, K] output seen as [B, K, h, w]) are read
+    as the [B*h*w, K] matrix they are: cross-entropy over dim 1 of the strided view took about 4x as long on a CPU.
+    """
+    if logits.stride(1) == 1:
+        logits, codes = logits.permute(0, 2, 3, 1).reshape(-1, logits.shape[1]), codes.reshape(-1)
+    return F.cross_entropy(logits, codes, reduction=reduction)
+
+
 def class_tensor(class_labels, batch_size, device):
     """Class labels as a LongTensor [B] (an int is repeated), or None."""
     if class_labels is None:
@@ -115,7 +126,7 @@ class CodePrior(nn.Module):
     def level_losses(self, codes, class_labels=None, levels=None, reduction='mean'):
         """Cross-entropy of the codes under the prior in nats, {level: mean or summed over the level's codes}."""
         logits = self.level_logits(codes, class_labels, levels)
-        return {level: F.cross_entropy(value, codes[level], reduction=reduction) for level, value in logits.items()}
+        return {level: code_cross_entropy(value, codes[level], reduction) for level, value in logits.items()}
 
     def check_vq_model(self, vq_model):
         """Raise ValueError unless `vq_model` has this prior's levels and codebook size."""

@@ -28,6 +28,9 @@ from .prior import CodePrior, check_sampling_args, class_tensor, sample_from_log
 # ----------------------------------------------------------------------------------------------------------------
 # Configs
 
+ACTIVATIONS = {'silu': F.silu, 'gelu': F.gelu}  # the feed-forward nonlinearity, by config name
+
+
 @dataclass
 class TransformerConfig(ModelConfig):
     """Hyperparameters of the flat transformer prior (and of each level of the hierarchical one)."""
@@ -45,7 +48,7 @@ class TransformerConfig(ModelConfig):
     num_kv_heads: int = option(2, 'key/value heads, each shared by num_heads / num_kv_heads query heads; fewer make '
                                   'cached sampling cheaper, num_heads is plain multi-head attention', low=1, high=256)
     activation: str = option('silu', 'nonlinearity of the feed-forward layers: silu, or gelu (checkpoints written '
-                                     'before this option existed use gelu)', choices=('silu', 'gelu'))
+                                     'before this option existed use gelu)', choices=tuple(ACTIVATIONS))
     dropout: float = option(0.1, 'dropout on the input tokens and on every residual branch while training, in [0, 1)',
                             low=0.0, high=1.0)
 
@@ -118,9 +121,6 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, nkv, nh // nkv, hs) * hs ** -0.5  # (B, n_kv, group, hs)
         att = (q @ keys.transpose(-2, -1)).softmax(dim=-1)  # (B, n_kv, group, t + 1)
         return self.resid_drop(self.proj((att @ values).view(B, C)))
-
-
-ACTIVATIONS = {'silu': F.silu, 'gelu': F.gelu}
 
 
 class MLP(nn.Module):
@@ -252,27 +252,14 @@ class CodeTransformer(nn.Module):
     def forward(self, codes, class_labels=None, context=None):
         """Codes [B, H, W] (+ class_labels [B], context [B, H, W, C]) -> logits [B, K, H, W]."""
         B, H, W = codes.shape
-        # A view of the sequence logits, not a copy (the class dim keeps stride 1).
-        return self.sequence_logits(codes, class_labels, context).transpose(1, 2).view(B, self.num_embeddings, H, W)
-
-    def sequence_logits(self, codes, class_labels=None, context=None):
-        """Codes [B, H, W] (+ class_labels [B], context [B, H, W, C]) -> logits [B, H*W, K] in raster order."""
-        B, H, W = codes.shape
         bias = self.conditioning(H, W, class_labels, context)
         tokens = self.code_embedding(codes.reshape(B, H * W)[:, :-1])  # (B, T-1, C): code t-1 is the input at t
         x = self.drop(torch.cat([self.start.expand(B, 1, -1), tokens], 1) + bias)  # (B, T, C)
         for block in self.blocks:
             x = block(x)
-        return self.head(self.ln_f(x))  # (B, T, K)
-
-    def loss(self, codes, class_labels=None, context=None, reduction='mean'):
-        """Cross-entropy in nats of codes [B, H, W], mean or summed over them.
-
-        Computed on the [B*T, K] sequence logits: cross-entropy over dim 1 of the [B, K, H, W] view took about 4x as
-        long on a CPU (its log-softmax reads the classes at a stride).
-        """
-        logits = self.sequence_logits(codes, class_labels, context)
-        return F.cross_entropy(logits.flatten(0, 1), codes.flatten(), reduction=reduction)
+        logits = self.head(self.ln_f(x))  # (B, T, K)
+        # A view, not a copy: the class dim keeps stride 1, and code_cross_entropy reads it as the (B*T, K) matrix.
+        return logits.transpose(1, 2).view(B, self.num_embeddings, H, W)
 
     def step(self, x, cache, t):
         """Input token at position t [B, C] -> logits at t [B, K], adding its keys and values to `cache`."""
@@ -363,12 +350,6 @@ class TransformerPrior(CodePrior):
         """Cross-entropy of the codes under the prior in nats (bits = nats / ln 2), mean or summed over codes."""
         return self.level_losses({'flat': codes}, class_labels, reduction=reduction)['flat']
 
-    def level_losses(self, codes, class_labels=None, levels=None, reduction='mean'):
-        """{'flat': cross-entropy in nats}, as CodePrior computes it from level_logits, but faster."""
-        if levels is not None and tuple(levels) != self.levels:
-            raise ValueError(f'unknown levels {tuple(levels)}; this prior has {self.levels}')
-        return {'flat': self.transformer.loss(codes['flat'], class_labels, reduction=reduction)}
-
     def level_logits(self, codes, class_labels=None, levels=None):
         """{'flat': codes [B, H, W]} -> {'flat': logits [B, K, H, W]}."""
         if levels is not None and tuple(levels) != self.levels:
@@ -446,20 +427,6 @@ class HierarchicalTransformerPrior(CodePrior):
     def loss(self, codes_top, codes_bottom, class_labels=None, levels=('top', 'bottom'), reduction='mean'):
         """Cross-entropy in nats of each asked level, {'top': ..., 'bottom': ...}, mean or summed over its codes."""
         return self.level_losses({'top': codes_top, 'bottom': codes_bottom}, class_labels, levels, reduction)
-
-    def level_losses(self, codes, class_labels=None, levels=None, reduction='mean'):
-        """{level: cross-entropy in nats} for `levels` (default: both), as CodePrior computes it, but faster."""
-        levels = tuple(self.levels if levels is None else levels)
-        unknown = set(levels) - set(self.levels)
-        if unknown:
-            raise ValueError(f'unknown levels {sorted(unknown)}; this prior has {self.levels}')
-        losses = {}
-        if 'top' in levels:
-            losses['top'] = self.transformer_top.loss(codes['top'], class_labels, reduction=reduction)
-        if 'bottom' in levels:
-            context = self.top_encoder(codes['top'], codes['bottom'].shape[1:])
-            losses['bottom'] = self.transformer_bottom.loss(codes['bottom'], class_labels, context, reduction)
-        return losses
 
     def level_logits(self, codes, class_labels=None, levels=None):
         """{'top': [B, h, w], 'bottom': [B, H, W]} -> {level: logits [B, K, h|H, w|W]} for `levels` (default: both).
