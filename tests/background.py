@@ -254,7 +254,7 @@ TINY_RECIPE_FLAGS = {  # appended to the recipe's training commands (later flags
 # evaluations of 40 samples against 64 test images with a feature classifier that trains in seconds.
 TINY_RECIPE = ['--scale', '0.005', '--prior_minutes', '1', '--num_train', '256', '--num_val', '32', '--num_test', '64',
                '--num_samples', '40', '--temperatures', '1.0,0.8',
-               '--vq_batch_size', '32', '--prior_batch_size', '32', '--quiet',
+               '--vq_batch_size', '32', '--quiet',
                '--eval_flags', '--classifier_num_train', '1500', '--classifier_epochs', '1',
                '--classifier_min_steps', '30', '--num_fit', '200']
 

@@ -57,13 +57,17 @@ def test_tiny_recipe_trains_every_model_and_scores_it(recipe):
     assert classes['kind'] == {'pixelcnn': 'hierarchical_pixelcnn',
                                'transformer': 'hierarchical_transformer'}[results['conditional_family']]
     assert classes['config']['num_classes'] == 10  # from the VQ checkpoint's data: Fashion-MNIST's ten classes
-    # Each prior trains at its family's learning rate, after the same warm-up.
-    lr = {'pixelcnn': 8e-3, 'transformer': 5e-3}
+    # Each prior trains at its family's learning rate and batch size (the flat one at its own), after the same warm-up.
+    settings = {'flat': (8e-3, 64), 'pixelcnn': (4e-3, 32), 'transformer': (5e-3, 32)}
     for name, family in (('prior_vqvae', 'pixelcnn'), ('prior_vqvae2', 'pixelcnn'),
                          ('prior_vqvae2_transformer', 'transformer'),
                          ('prior_vqvae2_classes', results['conditional_family'])):
-        args = load_state(out_dir / name / 'best.pth')['args']
-        assert (args['prior'], args['lr'], args['warmup_steps']) == (family, lr[family], 50), name
+        state = load_state(out_dir / name / 'best.pth')
+        args = state['args']
+        lr, batch = settings['flat' if name == 'prior_vqvae' else family]
+        assert (args['prior'], args['lr'], args['batch_size'], args['warmup_steps']) == (family, lr, batch, 50), name
+        if family == 'transformer':  # one top-encoder block, not the small preset's two
+            assert state['config']['top_encoder_layers'] == 1, name
 
 
 def test_tiny_recipe_writes_the_results_table_and_pictures(recipe):
