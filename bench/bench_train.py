@@ -61,10 +61,12 @@ WORKLOADS = {
     'vq_vae2': ('images/s', 'vq_vae2', None, False),
     'pixelcnn': ('codes/s', 'vq_vae', 'pixelcnn', False),
     'hierarchical_pixelcnn': ('codes/s', 'vq_vae2', 'hierarchical_pixelcnn', False),
+    'hierarchical_transformer': ('codes/s', 'vq_vae2', 'hierarchical_transformer', False),
     'pixelcnn, encoding': ('codes/s', 'vq_vae', 'pixelcnn', True),
     'hierarchical_pixelcnn, encoding': ('codes/s', 'vq_vae2', 'hierarchical_pixelcnn', True),
 }
-PARALLEL = ('vq_vae', 'vq_vae2', 'pixelcnn', 'hierarchical_pixelcnn')  # the workloads of tables (a) and (b)
+# The workloads of tables (a) and (b); (c) times those with an ', encoding' twin.
+PARALLEL = ('vq_vae', 'vq_vae2', 'pixelcnn', 'hierarchical_pixelcnn', 'hierarchical_transformer')
 # Table (d): code grid label -> (VQ model kind, image size) whose codes the priors are trained on
 GRIDS = {'8x8': ('vq_vae', 32), '4x4 + 8x8': ('vq_vae2', 32), '16x16': ('vq_vae', 64)}
 
@@ -82,7 +84,8 @@ def build(name, batch_size, quick):
         return vq_model, lambda model: model(images)[1]['loss'], batch_size
 
     vq_model.eval().requires_grad_(False)
-    prior = build_model(prior_kind, {**(QUICK_PRIOR if quick else {}), 'num_embeddings': vq_model.num_embeddings})
+    quick_sizes = QUICK_SIZES['transformer' if 'transformer' in prior_kind else 'pixelcnn']
+    prior = build_model(prior_kind, {**(quick_sizes if quick else {}), 'num_embeddings': vq_model.num_embeddings})
 
     def codes():
         with torch.no_grad():
@@ -289,7 +292,8 @@ def main(args):
         two_threads = {name: measure(name, args, threads=2) for name in PARALLEL}
         two_processes = measure_two_processes(args)
         bf16 = {name: measure(name, args, threads=1, amp='bf16') for name in PARALLEL}
-        encoding = {name: measure(f'{name}, encoding', args, threads=1) for name in PARALLEL if WORKLOADS[name][2]}
+        encoding = {name: measure(f'{name}, encoding', args, threads=1) for name in PARALLEL
+                    if f'{name}, encoding' in WORKLOADS}
     families = measure_families(args)
 
     if everything:

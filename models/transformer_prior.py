@@ -104,7 +104,15 @@ class CausalSelfAttention(nn.Module):
         q, kv = self.qkv(x).split([C, 2 * nkv * hs], dim=2)
         q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         k, v = kv.view(B, T, 2, nkv, hs).permute(2, 0, 3, 1, 4)  # (B, n_kv, T, hs) each
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, enable_gqa=nkv < nh)  # (B, nh, T, hs)
+        if x.device.type == 'cpu' and torch.is_autocast_enabled('cpu'):
+            # On a CPU the fused kernel's bfloat16 backward took about four times its float32 time, which made a step
+            # under --amp bf16 slower than without: there attention runs in float32, the matrix products around it
+            # in bfloat16.
+            with torch.autocast('cpu', enabled=False):
+                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=self.causal,
+                                                   enable_gqa=nkv < nh)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, enable_gqa=nkv < nh)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_drop(self.proj(y))
 
