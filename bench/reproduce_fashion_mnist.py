@@ -76,9 +76,19 @@ def run_stage(name, args, extra=()):
 
 
 def trained_seconds(name, args):
-    """For --reuse: the training time of a stage that ran before, from its metrics.jsonl."""
+    """For --reuse: the training time of a stage that ran before, from its metrics.jsonl.
+
+    The file gains lines on every run in the same folder; only the last run counts: the lines after the last one
+    whose step is not above the step before it (a fresh run starts counting again; a resumed one goes on).
+    """
+    seconds, last_step = 0.0, None
     with open(os.path.join(args.out_dir, name, 'metrics.jsonl')) as f:
-        return sum(json.loads(line)['epoch_seconds'] for line in f if line.strip())
+        for line in filter(str.strip, f):
+            entry = json.loads(line)
+            if last_step is not None and entry['step'] <= last_step:
+                seconds = 0.0
+            seconds, last_step = seconds + entry['epoch_seconds'], entry['step']
+    return seconds
 
 
 def evaluate_command(args, vq_name, prior_name=None, temperature=1.0):

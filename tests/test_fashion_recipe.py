@@ -86,3 +86,21 @@ def test_stage_1_reads_fashion_mnist_as_one_channel_with_ten_classes(recipe):
     assert checkpoint['data']['name'] == 'fashion_mnist' and checkpoint['data']['num_classes'] == 10
     data_dir = checkpoint['data']['data_dir']
     assert os.path.isabs(data_dir) and os.listdir(os.path.join(data_dir, 'FashionMNIST', 'raw'))
+
+
+def test_reuse_counts_the_training_time_of_the_last_run_in_a_folder_only(tmp_path):
+    """--reuse reads a finished stage's time from its metrics.jsonl, which every run in that folder appends to."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('recipe_script', os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'bench', 'reproduce_fashion_mnist.py'))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    runs = [[(859, 300.0), (1500, 200.0)],  # an earlier run
+            [(859, 100.0), (1000, 20.0), (1500, 80.0)]]  # the last one, resumed at step 1000
+    (tmp_path / 'stage').mkdir()
+    (tmp_path / 'stage' / 'metrics.jsonl').write_text(''.join(
+        json.dumps({'step': step, 'epoch_seconds': seconds}) + '\n' for run in runs for step, seconds in run))
+
+    class Args:
+        out_dir = str(tmp_path)
+    assert script.trained_seconds('stage', Args) == pytest.approx(200.0)
