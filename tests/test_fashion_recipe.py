@@ -66,8 +66,8 @@ def test_tiny_recipe_trains_every_model_and_scores_it(recipe):
         args = state['args']
         lr, batch = settings['flat' if name == 'prior_vqvae' else family]
         assert (args['prior'], args['lr'], args['batch_size'], args['warmup_steps']) == (family, lr, batch, 50), name
-        if family == 'transformer':  # one top-encoder block, not the small preset's two
-            assert state['config']['top_encoder_layers'] == 1, name
+        if family == 'transformer':  # no top-encoder block, not the small preset's two
+            assert state['config']['top_encoder_layers'] == 0, name
 
 
 def test_tiny_recipe_writes_the_results_table_and_pictures(recipe):
