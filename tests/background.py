@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from helpers import REPO, TIMEOUT_S, TINY_STAGE1, run_in_process, script_env, write_random_bytes
+from helpers import REPO, TIMEOUT_S, TINY_STAGE1, run_in_process, run_script, script_env, write_random_bytes
 
 # Background runs yield the CPU to the tests that run meanwhile: those are the ones everything waits for.
 NICENESS = 10
@@ -214,6 +214,24 @@ def run_checked(args):
     return result
 
 
+# The compiled run's program: main.py with torch.compile on the 'eager' backend, each compiled model's class noted in
+# the file named by argv[1]. It runs in a new interpreter, not in the fork: there the autograd engine's first worker
+# thread at times died on torch's intra-op thread pool, which a fork leaves invalid ("Invalid thread pool!").
+COMPILE_EAGERLY = """
+import runpy, sys, torch
+real_compile, names = torch.compile, sys.argv[1]
+
+def compile_eagerly(model, **kwargs):
+    with open(names, 'a') as f:
+        f.write(type(model).__name__ + '\\n')
+    return real_compile(model, backend='eager', **kwargs)
+
+torch.compile = compile_eagerly
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name='__main__')
+"""
+
+
 def compile_runs(folder):
     """A short VQ-VAE-2 run with --compile and the same run without: {'plain': out_dir, 'compiled': out_dir, ...}.
 
@@ -222,17 +240,14 @@ def compile_runs(folder):
     exactly as --compile wraps it (which is what breaks: graph breaks, state-dict key prefixes); only inductor's code
     generation, which is torch's own, is left out.
     """
-    real_compile, compiled = torch.compile, []
-
-    def compile_eagerly(model, **kwargs):
-        compiled.append(type(model).__name__)
-        return real_compile(model, backend='eager', **kwargs)
-
-    torch.compile = compile_eagerly  # this is a forked child: nothing to restore
-    run_checked(['main.py', '--arch', 'vq_vae2', *SHORT_STAGE1, '--compile', '--out_dir', folder / 'compiled'])
-    torch.compile = real_compile
+    names = folder / 'compiled_models.txt'
+    result = run_script(['-c', COMPILE_EAGERLY, names, 'main.py', '--arch', 'vq_vae2', *SHORT_STAGE1, '--compile',
+                         '--out_dir', folder / 'compiled'])
+    if result.returncode != 0:
+        raise RuntimeError(f'the --compile run exited with {result.returncode}:\n{result.stderr[-3000:]}')
     run_checked(['main.py', '--arch', 'vq_vae2', *SHORT_STAGE1, '--out_dir', folder / 'plain'])
-    return {'plain': folder / 'plain', 'compiled': folder / 'compiled', 'compiled_models': compiled}
+    return {'plain': folder / 'plain', 'compiled': folder / 'compiled',
+            'compiled_models': names.read_text().split() if names.exists() else []}
 
 
 def wandb_runs(folder):
