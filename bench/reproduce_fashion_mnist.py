@@ -72,15 +72,23 @@ def run_stage(name, args, extra=()):
     started = time.time()
     subprocess.run(command, cwd=ROOT, check=True, env={**os.environ, 'WANDB_MODE': 'disabled'},
                    stdout=subprocess.DEVNULL if args.quiet else None)
-    return time.time() - started
+    seconds = time.time() - started
+    with open(os.path.join(out_dir, 'recipe_seconds.json'), 'w') as f:  # what --reuse reports for this stage later
+        json.dump({'seconds': seconds}, f)
+    return seconds
 
 
 def trained_seconds(name, args):
-    """For --reuse: the training time of a stage that ran before, from its metrics.jsonl.
+    """For --reuse: the time of a stage that ran before. The wall time the recipe wrote when it ran the stage, or for
+    a folder from before that file, the training time its metrics.jsonl records.
 
-    The file gains lines on every run in the same folder; only the last run counts: the lines after the last one
+    metrics.jsonl gains lines on every run in the same folder; only the last run counts: the lines after the last one
     whose step is not above the step before it (a fresh run starts counting again; a resumed one goes on).
     """
+    recorded = os.path.join(args.out_dir, name, 'recipe_seconds.json')
+    if os.path.exists(recorded):
+        with open(recorded) as f:
+            return json.load(f)['seconds']
     seconds, last_step = 0.0, None
     with open(os.path.join(args.out_dir, name, 'metrics.jsonl')) as f:
         for line in filter(str.strip, f):

@@ -67,7 +67,7 @@ class HierarchicalTransformerConfig(TransformerConfig):
     """The per-level settings, plus the depth of the encoder through which the bottom level sees the top codes."""
 
     top_encoder_layers: int = option(2, 'bidirectional blocks over the top codes that condition the bottom level '
-                                        '(0: each bottom position sees only the top code covering it)',
+                                        '(0: each bottom position sees the top codes covering positions <= t)',
                                      low=0, high=64)
 
 

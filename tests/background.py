@@ -4,7 +4,8 @@ the tests run one after another in the first.
 - `Job`: a real process. A new process spends seconds importing torch, so only the runs that must be real processes
   (torchrun, or the exit status and stderr of a process) are jobs.
 - `ForkJob`: a function run in a fork of the test process, which has imported everything already: long in-process
-  runs that no test needs early (torch.compile, W&B, the Fashion-MNIST recipe).
+  runs that no test needs early (torch.compile, W&B, the Fashion-MNIST recipe). The torch.compile run itself starts a
+  new interpreter from its fork (COMPILE_EAGERLY says why).
 The tests that wait for a background run are ordered last (conftest.pytest_collection_modifyitems).
 """
 import gzip

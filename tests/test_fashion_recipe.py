@@ -71,7 +71,9 @@ def test_tiny_recipe_trains_every_model_and_scores_it(recipe):
 
 
 def test_tiny_recipe_writes_the_results_table_and_pictures(recipe):
-    out_dir, _ = recipe
+    out_dir, results = recipe
+    for name, seconds in results['train_seconds'].items():  # each stage's wall time, kept for a later --reuse
+        assert json.loads((out_dir / name / 'recipe_seconds.json').read_text())['seconds'] == pytest.approx(seconds)
     for name in [f'{vq}_recon.png' for vq in ('vq_vae', 'vq_vae2')] + [f'{prior}_samples.png' for prior in PRIORS]:
         assert (out_dir / name).stat().st_size > 0, name
     table = (out_dir / 'results.md').read_text()
@@ -104,3 +106,6 @@ def test_reuse_counts_the_training_time_of_the_last_run_in_a_folder_only(tmp_pat
     class Args:
         out_dir = str(tmp_path)
     assert script.trained_seconds('stage', Args) == pytest.approx(200.0)
+    # A stage the recipe ran itself has its wall time on record, which wins.
+    (tmp_path / 'stage' / 'recipe_seconds.json').write_text(json.dumps({'seconds': 215.5}))
+    assert script.trained_seconds('stage', Args) == pytest.approx(215.5)

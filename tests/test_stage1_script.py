@@ -167,7 +167,7 @@ def test_channels_last_trains_the_same_model(plain_run, tmp_path):
 
 
 def test_compile_trains_the_same_model_and_saves_plain_weights(compile_job):
-    # Both runs happen in a fork of this process (tests/background.py, compile_runs). They compile with the 'eager'
+    # Both runs start from a fork of this process (tests/background.py, compile_runs). They compile with the 'eager'
     # backend: inductor's C++ code generation takes 10-75 s here; compile_runs says what the test still covers.
     runs = compile_job.result()
     assert runs['compiled_models'] == ['VQVAE2']  # the trainer compiled the model, once
