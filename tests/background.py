@@ -207,9 +207,9 @@ def start_process_checks(folder):
 SHORT_STAGE1 = TINY_STAGE1 + ['--num_train', '64', '--num_val', '32', '--max_steps', '4']
 
 
-def run_checked(args):
-    """run_in_process, raising with the run's stderr if it did not succeed."""
-    result = run_in_process(args)
+def run_checked(args, run=run_in_process):
+    """run_in_process (or `run`, e.g. run_script), raising with the run's stderr if it did not succeed."""
+    result = run(args)
     if result.returncode != 0:
         raise RuntimeError(f'{args} exited with {result.returncode}:\n{result.stderr[-3000:]}')
     return result
@@ -242,10 +242,8 @@ def compile_runs(folder):
     generation, which is torch's own, is left out.
     """
     names = folder / 'compiled_models.txt'
-    result = run_script(['-c', COMPILE_EAGERLY, names, 'main.py', '--arch', 'vq_vae2', *SHORT_STAGE1, '--compile',
-                         '--out_dir', folder / 'compiled'])
-    if result.returncode != 0:
-        raise RuntimeError(f'the --compile run exited with {result.returncode}:\n{result.stderr[-3000:]}')
+    run_checked(['-c', COMPILE_EAGERLY, names, 'main.py', '--arch', 'vq_vae2', *SHORT_STAGE1, '--compile',
+                 '--out_dir', folder / 'compiled'], run=run_script)
     run_checked(['main.py', '--arch', 'vq_vae2', *SHORT_STAGE1, '--out_dir', folder / 'plain'])
     return {'plain': folder / 'plain', 'compiled': folder / 'compiled',
             'compiled_models': names.read_text().split() if names.exists() else []}

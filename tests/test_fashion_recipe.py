@@ -13,7 +13,7 @@ import os
 import pytest
 
 from background import TINY_RECIPE_FLAGS
-from helpers import load_state
+from helpers import REPO, load_state
 
 NUM_EMBEDDINGS = int(TINY_RECIPE_FLAGS['main.py'][TINY_RECIPE_FLAGS['main.py'].index('--num_embeddings') + 1])
 PRIORS = ('prior_vqvae', 'prior_vqvae2', 'prior_vqvae2_transformer', 'prior_vqvae2_classes')
@@ -93,8 +93,8 @@ def test_stage_1_reads_fashion_mnist_as_one_channel_with_ten_classes(recipe):
 def test_reuse_counts_the_training_time_of_the_last_run_in_a_folder_only(tmp_path):
     """--reuse reads a finished stage's time from its metrics.jsonl, which every run in that folder appends to."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location('recipe_script', os.path.join(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'bench', 'reproduce_fashion_mnist.py'))
+    spec = importlib.util.spec_from_file_location('recipe_script',
+                                                  os.path.join(REPO, 'bench', 'reproduce_fashion_mnist.py'))
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     runs = [[(859, 300.0), (1500, 200.0)],  # an earlier run
