@@ -11,7 +11,8 @@ perplexity per level; with a prior, its held-out bits per code per level; and bi
 deterministic, so -log2 p(x) <= -log2 p(z) - log2 p(x|z): bits_per_dim is the sum of latent_bits_per_dim (the
 prior's) and decoder_bits_per_dim (a discretised Gaussian over the 256 pixel values centred on the reconstruction,
 one scale per channel fitted on --num_fit training images). Without a prior only the decoder part is reported. With
-a prior and no --samples, --num_samples samples are drawn (class-balanced for a class-conditional prior) and scored.
+a prior and no --samples, --num_samples samples are drawn (class-balanced for a class-conditional prior) and scored;
+--num_samples 0 scores the models only (bits per code in a minute or two on a CPU).
 
 Samples (--samples): a folder of PNG/JPEG files (directly inside it, or in one subfolder per class named by the class
 index or name: class-conditional samples), or a stage-3 codes.pt, decoded by --vq_checkpoint (which is then also
@@ -36,8 +37,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from common.cli import (ArgumentParser, OutputDir, add_common_flags, positive_float, positive_int, resolve_device,
-                        run_main)
+from common.cli import (ArgumentParser, OutputDir, add_common_flags, nonnegative_int, positive_float, positive_int,
+                        resolve_device, run_main)
 from common.data import DATASETS, DEFAULT_IMAGE_SIZE, build_dataset, to_uint8
 from common.errors import UserError
 from common.features import (ClassifierSettings, accuracy, dataset_classifier, load_fid_inception, load_images,
@@ -442,9 +443,9 @@ def check_flags(args):
         raise UserError('nothing to evaluate: give --vq_checkpoint (a VQ model, and --prior_checkpoint for its '
                         'prior) or --samples (a folder of samples or a stage-3 codes.pt)')
     if args.save_samples is not None:
-        if args.prior_checkpoint is None or args.samples is not None:
+        if args.prior_checkpoint is None or args.samples is not None or args.num_samples == 0:
             raise UserError('--save_samples keeps the samples drawn from --prior_checkpoint, which are drawn only '
-                            'without --samples; drop --save_samples')
+                            'without --samples and with --num_samples above 0; drop --save_samples')
         if os.path.isdir(args.save_samples) and os.listdir(args.save_samples):
             raise UserError(f'--save_samples {args.save_samples} is not empty; choose a new folder, so that it '
                             f'holds these samples only')
@@ -466,7 +467,8 @@ def main(args):
     json_path = args.json or os.path.join(args.out_dir, 'eval.json')
     _, info = build_dataset(args.dataset, 'test', args.image_size, args.data_dir, args.data_seed, args.download)
     args.num_classes = info['num_classes']
-    drawing = prior is not None and args.samples is None  # the prior's samples are scored unless --samples are
+    # The prior's samples are scored unless --samples are, or --num_samples 0 asks for the models' scores only.
+    drawing = prior is not None and args.samples is None and args.num_samples > 0
     network = check_scoring(args, info, prior, drawing)
     if codes is not None:
         images, labels = decode_codes_file(codes, codes_vq, args.batch_size, args.device)
@@ -598,8 +600,9 @@ def add_model_flags(parser):
                              "(default: none)")
     models.add_argument('--num_fit', type=positive_int, default=5000,
                         help='training images that the decoder scales are fitted on, a random subset (default: 5000)')
-    models.add_argument('--num_samples', type=positive_int, default=10000,
-                        help='samples to draw from the prior and score, unless --samples is given (default: 10000)')
+    models.add_argument('--num_samples', type=nonnegative_int, default=10000,
+                        help='samples to draw from the prior and score, unless --samples is given; 0 draws none and '
+                             'scores the models only (default: 10000)')
     models.add_argument('--sample_batch_size', type=positive_int, default=100,
                         help='samples drawn at once; the samples do not depend on it (default: 100)')
     models.add_argument('--temperature', type=positive_float, default=1.0,

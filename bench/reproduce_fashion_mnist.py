@@ -4,6 +4,7 @@ Example:
     apt-get install -y dataset-fashion-mnist     # the real data set, from Debian's packages
     python bench/reproduce_fashion_mnist.py      # writes results/fashion_mnist/{results.md,results.json,*.png}
     python bench/reproduce_fashion_mnist.py --scale 0.02 --num_samples 200 --out_dir /tmp/fm   # a smoke run
+    python bench/reproduce_fashion_mnist.py --reuse --seeds 3    # then: two more seeds of the compared priors
 
 It trains, through the real scripts: a VQ-VAE with a flat PixelCNN prior; a VQ-VAE-2 with two hierarchical priors
 trained on the same codes for the same wall-clock budget (--prior_minutes each), a gated PixelCNN and a transformer;
@@ -11,12 +12,15 @@ and a class-conditional hierarchical prior of the family with the lower held-out
 Then evaluate.py scores every model on the official test split: reconstruction, code usage, bits per code and bits
 per dimension, and FID / KID / precision / recall of --num_samples samples in the classifier feature space (CAS for
 the class-conditional prior; FID at temperatures 1.0, 0.9 and 0.8 for the unconditional hierarchical priors). It
-writes the results table and the picture grids.
+writes the results table and the picture grids. With --seeds N the two compared priors are trained N times (seeds 0
+to N-1; seed 0 is the run above) and the table ends with each family's test bits per code per seed, mean and spread:
+one 5-minute run per family sits within noise of a 10% difference.
 """
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -26,6 +30,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from common.cli import positive_int  # noqa: E402
 from common.data import FASHION_MNIST_SYSTEM_DIR, build_dataset, denormalize  # noqa: E402
 from models import load_model  # noqa: E402
 
@@ -47,14 +52,21 @@ STAGES = {
                                  'vq_vae2'),
     'prior_vqvae2_classes': ('train_pixelcnn_vqvae2.py', PRIOR_FLAGS + ['--class_conditional'], None, 'vq_vae2'),
 }
+# The two hierarchical priors compared at equal budget: (stage, family).
+COMPARED = (('prior_vqvae2', 'pixelcnn'), ('prior_vqvae2_transformer', 'transformer'))
 TEMPERATURES = (1.0, 0.9, 0.8)  # the unconditional hierarchical priors' FID at each (--temperatures)
 
 
-def run_stage(name, args, extra=()):
+def folder(name, seed=0):
+    """The folder of a stage trained with `seed`: its name for seed 0 (the main run), else <name>_seed<seed>."""
+    return name if seed == 0 else f'{name}_seed{seed}'
+
+
+def run_stage(name, args, extra=(), seed=0):
     """Run one training script to completion; returns its wall time in seconds."""
     script, flags, steps, vq_name = STAGES[name]
-    out_dir = os.path.join(args.out_dir, name)
-    command = [sys.executable, script, *flags, *extra, '--epochs', '1000', '--seed', '0', '--out_dir', out_dir]
+    out_dir = os.path.join(args.out_dir, folder(name, seed))
+    command = [sys.executable, script, *flags, *extra, '--epochs', '1000', '--seed', str(seed), '--out_dir', out_dir]
     if steps is None:  # the two families compared at equal budget: the same minutes, as many steps as they fit
         command += ['--max_minutes', str(args.prior_minutes * args.scale)]
     else:
@@ -99,11 +111,13 @@ def trained_seconds(name, args):
     return seconds
 
 
-def evaluate_command(args, vq_name, prior_name=None, temperature=1.0):
-    """The evaluate.py command line for one model (and temperature); its JSON goes to <out_dir>/eval/."""
+def evaluate_command(args, vq_name, prior_name=None, temperature=1.0, num_samples=None):
+    """The evaluate.py command line for one model (and temperature); its JSON goes to <out_dir>/eval/.
+    num_samples: samples to score (default: --num_samples; 0 scores the models only)."""
     name = f'{prior_name or vq_name}_t{temperature:g}'
+    num_samples = args.num_samples if num_samples is None else num_samples
     command = [sys.executable, 'evaluate.py', '--vq_checkpoint', os.path.join(args.out_dir, vq_name, 'best.pth'),
-               '--data_dir', args.data_dir, '--num_samples', str(args.num_samples), '--temperature', str(temperature),
+               '--data_dir', args.data_dir, '--num_samples', str(num_samples), '--temperature', str(temperature),
                '--classifier_dir', os.path.join(args.out_dir, 'eval_classifier'), '--device', 'cpu',
                '--out_dir', os.path.join(args.out_dir, 'eval', name), '--json',
                os.path.join(args.out_dir, 'eval', f'{name}.json'), *args.eval_flags]
@@ -156,6 +170,29 @@ def fmt(value, digits=3):
     return '-' if value is None else f'{value:.{digits}f}'
 
 
+def seed_bits(evals, seeds):
+    """{family: [test bits per code of seed 0, 1, ...]} of the two compared hierarchical priors."""
+    return {family: [evals[f'{folder(prior_name, seed)}_t1']['prior']['bits_per_code'] for seed in range(seeds)]
+            for prior_name, family in COMPARED}
+
+
+def seeds_markdown(bits):
+    """The seed table: each compared family's test bits per code per seed, their mean and standard deviation, and
+    the transformer / PixelCNN ratio of the means."""
+    seeds = len(bits['pixelcnn'])
+    lines = ['| prior | ' + ' | '.join(f'seed {seed}' for seed in range(seeds)) + ' | mean | std |',
+             '|---|' + '---|' * (seeds + 2)]
+    for family, values in bits.items():
+        std = statistics.stdev(values) if seeds > 1 else 0.0
+        lines.append(f'| {family} | ' + ' | '.join(f'{value:.3f}' for value in values) +
+                     f' | {statistics.mean(values):.3f} | {std:.3f} |')
+    ratio = statistics.mean(bits['transformer']) / statistics.mean(bits['pixelcnn'])
+    pairs = ', '.join(f'{t / p:.3f}' for t, p in zip(bits['transformer'], bits['pixelcnn']))
+    lines.append(f'\nTest bits per code, transformer / PixelCNN: {ratio:.4f}x of the means over {seeds} seed(s) '
+                 f'(seed by seed: {pairs}).')
+    return '\n'.join(lines) + '\n'
+
+
 def markdown(evals, wall, conditional_family, temperatures):
     """The results table as Markdown."""
     lines = ['| VQ model | prior | test MSE | PSNR (dB) | bits/code (levels) | bits/dim (latent + decoder) | FID | '
@@ -190,14 +227,18 @@ def main(args):
             not os.path.isdir(os.path.join(args.data_dir, 'FashionMNIST')):
         sys.exit('error: Fashion-MNIST not found; run `apt-get install -y dataset-fashion-mnist` first')
     os.makedirs(os.path.join(args.out_dir, 'eval'), exist_ok=True)
-    def run(name, args, extra=()):  # with --reuse, a stage an earlier run finished is not trained again
-        done = os.path.exists(os.path.join(args.out_dir, name, 'best.pth'))
-        return trained_seconds(name, args) if args.reuse and done else run_stage(name, args, extra)
+    def run(name, args, extra=(), seed=0):  # with --reuse, a stage an earlier run finished is not trained again
+        done = os.path.exists(os.path.join(args.out_dir, folder(name, seed), 'best.pth'))
+        return trained_seconds(folder(name, seed), args) if args.reuse and done else \
+            run_stage(name, args, extra, seed)
 
     wall = {name: run(name, args) for name in list(STAGES)[:-1]}
+    for seed in range(1, args.seeds):  # the two compared priors again, with other seeds: their spread
+        for prior_name, _ in COMPARED:
+            wall[folder(prior_name, seed)] = run(prior_name, args, seed=seed)
     # The class-conditional prior is of the family that won the comparison at equal budget.
     bits = {}
-    for prior_name, family in (('prior_vqvae2', 'pixelcnn'), ('prior_vqvae2_transformer', 'transformer')):
+    for prior_name, family in COMPARED:
         bits[family] = torch.load(os.path.join(args.out_dir, prior_name, 'best.pth'),
                                   weights_only=True)['metrics']['val/bits_per_code']
     conditional_family = min(bits, key=bits.get)
@@ -208,14 +249,18 @@ def main(args):
                 evaluate_command(args, 'vq_vae2', 'prior_vqvae2_classes')]
     commands += [evaluate_command(args, 'vq_vae2', prior_name, t) for prior_name in
                  ('prior_vqvae2', 'prior_vqvae2_transformer') for t in args.temperatures]
+    commands += [evaluate_command(args, 'vq_vae2', folder(prior_name, seed), num_samples=0)
+                 for seed in range(1, args.seeds) for prior_name, _ in COMPARED]  # bits per code only
     evals = run_evaluations(args, commands)
     pictures(args)
-    table = markdown(evals, wall, conditional_family, args.temperatures)
+    bits_by_seed = seed_bits(evals, args.seeds)
+    table = markdown(evals, wall, conditional_family, args.temperatures) + '\n' + seeds_markdown(bits_by_seed)
     with open(os.path.join(args.out_dir, 'results.md'), 'w') as f:
         f.write(table)
     with open(os.path.join(args.out_dir, 'results.json'), 'w') as f:
         json.dump({'evaluations': evals, 'train_seconds': wall, 'evaluation_seconds': time.time() - started,
-                   'validation_bits_per_code': bits, 'conditional_family': conditional_family, 'scale': args.scale,
+                   'validation_bits_per_code': bits, 'test_bits_per_code_by_seed': bits_by_seed,
+                   'conditional_family': conditional_family, 'scale': args.scale,
                    'prior_minutes': args.prior_minutes, 'torch': torch.__version__,
                    'threads': torch.get_num_threads()}, f, indent=1)
     print(table)
@@ -229,6 +274,9 @@ if __name__ == '__main__':
                         help='multiply every stage\'s steps and budget, e.g. 0.02 for a smoke run (default: 1)')
     parser.add_argument('--prior_minutes', type=float, default=5.0,
                         help='wall-clock budget of each of the two compared hierarchical priors (default: 5)')
+    parser.add_argument('--seeds', type=positive_int, default=1,
+                        help='train the two compared priors with seeds 0 to N-1 (seed 0 is the main run; the others '
+                             'get test bits per code only) and report each family\'s mean and spread (default: 1)')
     parser.add_argument('--vq_batch_size', type=int, default=64, help='(default: 64)')
     parser.add_argument('--prior_batch_size', type=int, default=None,
                         help='batch size of every prior (default: each family its own, FAMILY_FLAGS)')

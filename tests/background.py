@@ -264,10 +264,11 @@ TINY_RECIPE_FLAGS = {  # appended to the recipe's training commands (later flags
     'pixelcnn': ['--hidden_channels', '16', '--num_layers', '2', '--embedding_dim', '8'],
     'transformer': ['--embed_dim', '16', '--num_layers', '2', '--num_heads', '2', '--num_kv_heads', '1'],
 }
-# The recipe's own flags for a smoke run: 8 steps of stage 1 on 256 images, priors of 7 steps or 0.3 s each, and
-# evaluations of 40 samples against 64 test images with a feature classifier that trains in seconds.
+# The recipe's own flags for a smoke run: 8 steps of stage 1 on 256 images, priors of 7 steps or 0.3 s each (the two
+# compared ones with a second seed as well), and evaluations of 40 samples against 64 test images with a feature
+# classifier that trains in seconds.
 TINY_RECIPE = ['--scale', '0.005', '--prior_minutes', '1', '--num_train', '256', '--num_val', '32', '--num_test', '64',
-               '--num_samples', '40', '--temperatures', '1.0,0.8',
+               '--num_samples', '40', '--temperatures', '1.0,0.8', '--seeds', '2',
                '--vq_batch_size', '32', '--quiet',
                '--eval_flags', '--classifier_num_train', '1500', '--classifier_epochs', '1',
                '--classifier_min_steps', '30', '--num_fit', '200']

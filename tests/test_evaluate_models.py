@@ -147,6 +147,18 @@ def test_without_a_prior_only_the_decoder_part_is_reported(stage1, tmp_path):
     assert 'needs a prior' in result.stdout
 
 
+def test_num_samples_0_scores_the_models_only_with_the_same_bits(trained, models_run):
+    """--num_samples 0 (the recipe's bits-only evaluation): no samples drawn, no scores, the same model numbers."""
+    _, full = models_run
+    result = run_ok(evaluate_command(trained, 'no_samples', '--vq_checkpoint', trained['vq'], '--prior_checkpoint',
+                                     trained['prior'], '--num_samples', '0', '--num_fit', '300', *TINY_CLASSIFIER))
+    with open(trained['root'] / 'out_no_samples' / 'eval.json') as f:
+        evaluation = json.load(f)
+    assert 'scores' not in evaluation and 'num_samples' not in evaluation and 'samples from' not in result.stdout
+    assert evaluation['prior'] == pytest.approx(full['prior'], rel=1e-9)
+    assert evaluation['bits_per_dim'] == pytest.approx(full['bits_per_dim'], rel=1e-9)
+
+
 BAD_INPUT = {  # name -> (flags, with {name} for a path of the test; a fragment of the one-line error)
     'nothing_to_evaluate': ([], 'nothing to evaluate'),
     'prior_without_vq': (['--prior_checkpoint', '{prior}'], '--prior_checkpoint needs --vq_checkpoint'),
@@ -156,6 +168,9 @@ BAD_INPUT = {  # name -> (flags, with {name} for a path of the test; a fragment 
                               'checkpoint is needed'),
     'other_image_size': (['--vq_checkpoint', '{vq}', '--image_size', '32'], 'differs from'),
     'save_samples_without_prior': (['--vq_checkpoint', '{vq}', '--save_samples', '{root}/kept'], '--save_samples'),
+    'save_samples_of_no_samples': (['--vq_checkpoint', '{vq}', '--prior_checkpoint', '{prior}', '--num_samples', '0',
+                                    '--save_samples', '{root}/kept'], '--num_samples above 0'),
+    'negative_num_samples': (['--vq_checkpoint', '{vq}', '--num_samples', '-1'], '--num_samples'),
 }
 
 

@@ -19,6 +19,7 @@ NUM_EMBEDDINGS = int(TINY_RECIPE_FLAGS['main.py'][TINY_RECIPE_FLAGS['main.py'].i
 PRIORS = ('prior_vqvae', 'prior_vqvae2', 'prior_vqvae2_transformer', 'prior_vqvae2_classes')
 EVALUATIONS = ['prior_vqvae_t1', 'prior_vqvae2_classes_t1'] + [f'{prior}_t{t}' for prior in PRIORS[1:3]
                                                                 for t in ('1', '0.8')]  # --temperatures 1.0,0.8
+SEEDED = [f'{prior}_seed1' for prior in PRIORS[1:3]]  # --seeds 2: the compared priors again, bits per code only
 
 
 @pytest.fixture(scope='module')
@@ -26,17 +27,17 @@ def recipe(fashion_job):
     """(the recipe's results folder, results.json)."""
     out_dir, commands = fashion_job.result()
     scripts = [command[0] for command in commands]
-    assert scripts == ['main.py'] * 2 + ['train_pixelcnn_vqvae.py'] + ['train_pixelcnn_vqvae2.py'] * 3 + \
-        ['evaluate.py'] * len(EVALUATIONS)
+    assert scripts == ['main.py'] * 2 + ['train_pixelcnn_vqvae.py'] + ['train_pixelcnn_vqvae2.py'] * 5 + \
+        ['evaluate.py'] * (len(EVALUATIONS) + len(SEEDED))
     with open(out_dir / 'results.json') as f:
         return out_dir, json.load(f)
 
 
 def test_tiny_recipe_trains_every_model_and_scores_it(recipe):
     out_dir, results = recipe
-    assert sorted(results['train_seconds']) == sorted(['vq_vae', 'vq_vae2', *PRIORS])
+    assert sorted(results['train_seconds']) == sorted(['vq_vae', 'vq_vae2', *PRIORS, *SEEDED])
     evaluations = results['evaluations']
-    assert sorted(evaluations) == sorted(EVALUATIONS)
+    assert sorted(evaluations) == sorted(EVALUATIONS + [f'{name}_t1' for name in SEEDED])
     for name, evaluation in evaluations.items():
         reconstruction = evaluation['reconstruction']
         assert 0 < reconstruction['mse'] < 4 and reconstruction['psnr'] > 0, name
@@ -48,6 +49,9 @@ def test_tiny_recipe_trains_every_model_and_scores_it(recipe):
             assert 0 < evaluation['prior'][f'bits_per_code/{level}'] < 12
         assert evaluation['bits_per_dim'] == pytest.approx(evaluation['latent_bits_per_dim']
                                                            + evaluation['decoder_bits_per_dim'])
+        if name.removesuffix('_t1') in SEEDED:  # scored with --num_samples 0: the model, no samples
+            assert 'scores' not in evaluation, name
+            continue
         assert math.isfinite(evaluation['scores']['fid']) and evaluation['scores']['fid'] >= 0, name
     assert 'cas' in evaluations['prior_vqvae2_classes_t1']['scores']
     # The class-conditional prior is of the family with the lower held-out bits per code.
@@ -68,6 +72,27 @@ def test_tiny_recipe_trains_every_model_and_scores_it(recipe):
         assert (args['prior'], args['lr'], args['batch_size'], args['warmup_steps']) == (family, lr, batch, 50), name
         if family == 'transformer':  # no top-encoder block, not the small preset's two
             assert state['config']['top_encoder_layers'] == 0, name
+
+
+def test_tiny_recipe_trains_the_compared_priors_again_with_other_seeds(recipe):
+    """--seeds 2: each compared prior a second time with seed 1 and the same flags otherwise, its test bits per code
+    beside seed 0's in the JSON and in a seed table with the ratio of the means."""
+    out_dir, results = recipe
+    by_seed = results['test_bits_per_code_by_seed']
+    for (name, family), seeded in zip((('prior_vqvae2', 'pixelcnn'), ('prior_vqvae2_transformer', 'transformer')),
+                                      SEEDED):
+        main, other = load_state(out_dir / name / 'best.pth'), load_state(out_dir / seeded / 'best.pth')
+        assert (main['args']['seed'], other['args']['seed']) == (0, 1)
+        assert {k: v for k, v in main['args'].items() if k not in ('seed', 'out_dir')} == \
+            {k: v for k, v in other['args'].items() if k not in ('seed', 'out_dir')}
+        assert main['kind'] == other['kind'] and main['config'] == other['config']
+        evaluations = results['evaluations']
+        assert by_seed[family] == [evaluations[f'{name}_t1']['prior']['bits_per_code'],
+                                   evaluations[f'{seeded}_t1']['prior']['bits_per_code']]
+    table = (out_dir / 'results.md').read_text()
+    assert '| prior | seed 0 | seed 1 | mean | std |' in table
+    ratio = (by_seed['transformer'][0] + by_seed['transformer'][1]) / (by_seed['pixelcnn'][0] + by_seed['pixelcnn'][1])
+    assert f'transformer / PixelCNN: {ratio:.4f}x of the means over 2 seed(s)' in table
 
 
 def test_tiny_recipe_writes_the_results_table_and_pictures(recipe):
