@@ -266,7 +266,7 @@ def main(args):
     print(table)
 
 
-if __name__ == '__main__':
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--out_dir', default='results/fashion_mnist', help='(default: %(default)s)')
     parser.add_argument('--data_dir', default='data', help='where the unpacked data set goes (default: data)')
@@ -296,4 +296,8 @@ if __name__ == '__main__':
                         help='keep the stages an earlier run finished in --out_dir (their best.pth), train the rest, '
                              'then evaluate everything (default: train every stage)')
     parser.add_argument('--quiet', action='store_true', help='hide the training scripts\' progress output')
-    main(parser.parse_args())
+    return parser
+
+
+if __name__ == '__main__':
+    main(build_parser().parse_args())

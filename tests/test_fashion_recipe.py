@@ -115,13 +115,41 @@ def test_stage_1_reads_fashion_mnist_as_one_channel_with_ten_classes(recipe):
     assert os.path.isabs(data_dir) and os.listdir(os.path.join(data_dir, 'FashionMNIST', 'raw'))
 
 
-def test_reuse_counts_the_training_time_of_the_last_run_in_a_folder_only(tmp_path):
-    """--reuse reads a finished stage's time from its metrics.jsonl, which every run in that folder appends to."""
+def recipe_script():
+    """bench/reproduce_fashion_mnist.py as a module."""
     import importlib.util
     spec = importlib.util.spec_from_file_location('recipe_script',
                                                   os.path.join(REPO, 'bench', 'reproduce_fashion_mnist.py'))
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+@pytest.mark.parametrize('prior_batch_size', [None, 48])
+def test_prior_batch_size_overrides_every_family_s_own(tmp_path, monkeypatch, prior_batch_size):
+    """The command lines the recipe builds, read by the training scripts' own parsers: each prior at its family's
+    batch size, or at --prior_batch_size when given (the flag comes after the family's, so it wins)."""
+    script = recipe_script()
+    import train_pixelcnn_vqvae
+    import train_pixelcnn_vqvae2
+    parsers = {'train_pixelcnn_vqvae.py': train_pixelcnn_vqvae.build_parser(),
+               'train_pixelcnn_vqvae2.py': train_pixelcnn_vqvae2.build_parser()}
+    commands = []
+    monkeypatch.setattr(script.subprocess, 'run', lambda command, **kwargs: commands.append(command))
+    args = script.build_parser().parse_args(['--out_dir', str(tmp_path), '--quiet'] + (
+        [] if prior_batch_size is None else ['--prior_batch_size', str(prior_batch_size)]))
+    expected = [('prior_vqvae', (), 64), ('prior_vqvae2', (), 32), ('prior_vqvae2_transformer', (), 32),
+                ('prior_vqvae2_classes', script.FAMILY_FLAGS['transformer'], 32)]  # as main() runs it
+    for name, extra, batch_size in expected:
+        (tmp_path / name).mkdir()
+        script.run_stage(name, args, extra)
+        parsed = parsers[commands[-1][1]].parse_args(commands[-1][2:])
+        assert parsed.batch_size == (prior_batch_size or batch_size), name
+
+
+def test_reuse_counts_the_training_time_of_the_last_run_in_a_folder_only(tmp_path):
+    """--reuse reads a finished stage's time from its metrics.jsonl, which every run in that folder appends to."""
+    script = recipe_script()
     runs = [[(859, 300.0), (1500, 200.0)],  # an earlier run
             [(859, 100.0), (1000, 20.0), (1500, 80.0)]]  # the last one, resumed at step 1000
     (tmp_path / 'stage').mkdir()
