@@ -12,7 +12,8 @@ deterministic, so -log2 p(x) <= -log2 p(z) - log2 p(x|z): bits_per_dim is the su
 prior's) and decoder_bits_per_dim (a discretised Gaussian over the 256 pixel values centred on the reconstruction,
 one scale per channel fitted on --num_fit training images). Without a prior only the decoder part is reported. With
 a prior and no --samples, --num_samples samples are drawn (class-balanced for a class-conditional prior) and scored;
---num_samples 0 scores the models only (bits per code in a minute or two on a CPU).
+--num_samples 0 draws none: the models' numbers only (bits per code in a minute or two on a CPU once the dataset
+classifier below is cached).
 
 Samples (--samples): a folder of PNG/JPEG files (directly inside it, or in one subfolder per class named by the class
 index or name: class-conditional samples), or a stage-3 codes.pt, decoded by --vq_checkpoint (which is then also
@@ -512,8 +513,8 @@ def check_scoring(args, info, prior, drawing):
         raise UserError(f'{args.prior_checkpoint} is conditioned on {prior.num_classes} classes but '
                         f'{args.dataset} has {info["num_classes"]}; give the prior trained on this data')
     if drawing and args.num_samples < MIN_IMAGES:
-        raise UserError(f'--num_samples must be at least {MIN_IMAGES} (precision and recall with k={PR_K} need '
-                        f'k + 1)')
+        raise UserError(f'--num_samples must be 0 (the models only) or at least {MIN_IMAGES} (precision and recall '
+                        f'with k={PR_K} need k + 1)')
     if args.samples is None and not drawing:
         return None
     if args.num_real is not None and args.num_real < MIN_IMAGES:
@@ -601,8 +602,8 @@ def add_model_flags(parser):
     models.add_argument('--num_fit', type=positive_int, default=5000,
                         help='training images that the decoder scales are fitted on, a random subset (default: 5000)')
     models.add_argument('--num_samples', type=nonnegative_int, default=10000,
-                        help='samples to draw from the prior and score, unless --samples is given; 0 draws none and '
-                             'scores the models only (default: 10000)')
+                        help='samples to draw from the prior and score, unless --samples is given; 0 draws none: the '
+                             'models\' numbers only (and --samples, if given) (default: 10000)')
     models.add_argument('--sample_batch_size', type=positive_int, default=100,
                         help='samples drawn at once; the samples do not depend on it (default: 100)')
     models.add_argument('--temperature', type=positive_float, default=1.0,

@@ -30,7 +30,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from common.cli import positive_int  # noqa: E402
+from common.cli import ArgumentParser, positive_int  # noqa: E402
 from common.data import FASHION_MNIST_SYSTEM_DIR, build_dataset, denormalize  # noqa: E402
 from models import load_model  # noqa: E402
 
@@ -88,6 +88,12 @@ def run_stage(name, args, extra=(), seed=0):
     with open(os.path.join(out_dir, 'recipe_seconds.json'), 'w') as f:  # what --reuse reports for this stage later
         json.dump({'seconds': seconds}, f)
     return seconds
+
+
+def run(name, args, extra=(), seed=0):
+    """Train a stage (with `seed`), or with --reuse keep it if an earlier run finished it; returns its seconds."""
+    done = os.path.exists(os.path.join(args.out_dir, folder(name, seed), 'best.pth'))
+    return trained_seconds(folder(name, seed), args) if args.reuse and done else run_stage(name, args, extra, seed)
 
 
 def trained_seconds(name, args):
@@ -183,9 +189,9 @@ def seeds_markdown(bits):
     lines = ['| prior | ' + ' | '.join(f'seed {seed}' for seed in range(seeds)) + ' | mean | std |',
              '|---|' + '---|' * (seeds + 2)]
     for family, values in bits.items():
-        std = statistics.stdev(values) if seeds > 1 else 0.0
+        std = f'{statistics.stdev(values):.3f}' if seeds > 1 else '-'  # sample standard deviation; none of one
         lines.append(f'| {family} | ' + ' | '.join(f'{value:.3f}' for value in values) +
-                     f' | {statistics.mean(values):.3f} | {std:.3f} |')
+                     f' | {statistics.mean(values):.3f} | {std} |')
     ratio = statistics.mean(bits['transformer']) / statistics.mean(bits['pixelcnn'])
     pairs = ', '.join(f'{t / p:.3f}' for t, p in zip(bits['transformer'], bits['pixelcnn']))
     lines.append(f'\nTest bits per code, transformer / PixelCNN: {ratio:.4f}x of the means over {seeds} seed(s) '
@@ -227,11 +233,6 @@ def main(args):
             not os.path.isdir(os.path.join(args.data_dir, 'FashionMNIST')):
         sys.exit('error: Fashion-MNIST not found; run `apt-get install -y dataset-fashion-mnist` first')
     os.makedirs(os.path.join(args.out_dir, 'eval'), exist_ok=True)
-    def run(name, args, extra=(), seed=0):  # with --reuse, a stage an earlier run finished is not trained again
-        done = os.path.exists(os.path.join(args.out_dir, folder(name, seed), 'best.pth'))
-        return trained_seconds(folder(name, seed), args) if args.reuse and done else \
-            run_stage(name, args, extra, seed)
-
     wall = {name: run(name, args) for name in list(STAGES)[:-1]}
     for seed in range(1, args.seeds):  # the two compared priors again, with other seeds: their spread
         for prior_name, _ in COMPARED:
@@ -266,8 +267,21 @@ def main(args):
     print(table)
 
 
+class Parser(ArgumentParser):
+    """The recipe's flags, with the checks that would otherwise fail only after the training."""
+
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        if parsed.num_samples < 4:
+            self.error(f'--num_samples must be at least 4 (evaluate.py\'s precision and recall), got '
+                       f'{parsed.num_samples}')
+        if 1.0 not in parsed.temperatures:
+            self.error('--temperatures must include 1.0, the temperature of the results table')
+        return parsed
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument('--out_dir', default='results/fashion_mnist', help='(default: %(default)s)')
     parser.add_argument('--data_dir', default='data', help='where the unpacked data set goes (default: data)')
     parser.add_argument('--scale', type=float, default=1.0,

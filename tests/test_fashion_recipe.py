@@ -13,7 +13,7 @@ import os
 import pytest
 
 from background import TINY_RECIPE_FLAGS
-from helpers import REPO, load_state
+from helpers import REPO, assert_one_line_error, load_state, run_in_process
 
 NUM_EMBEDDINGS = int(TINY_RECIPE_FLAGS['main.py'][TINY_RECIPE_FLAGS['main.py'].index('--num_embeddings') + 1])
 PRIORS = ('prior_vqvae', 'prior_vqvae2', 'prior_vqvae2_transformer', 'prior_vqvae2_classes')
@@ -91,6 +91,9 @@ def test_tiny_recipe_trains_the_compared_priors_again_with_other_seeds(recipe):
                                    evaluations[f'{seeded}_t1']['prior']['bits_per_code']]
     table = (out_dir / 'results.md').read_text()
     assert '| prior | seed 0 | seed 1 | mean | std |' in table
+    for family, (first, second) in by_seed.items():  # mean and sample standard deviation of the two seeds
+        assert f'| {family} | {first:.3f} | {second:.3f} | {(first + second) / 2:.3f} | ' \
+               f'{abs(first - second) / math.sqrt(2):.3f} |' in table
     ratio = (by_seed['transformer'][0] + by_seed['transformer'][1]) / (by_seed['pixelcnn'][0] + by_seed['pixelcnn'][1])
     assert f'transformer / PixelCNN: {ratio:.4f}x of the means over 2 seed(s)' in table
 
@@ -145,6 +148,31 @@ def test_prior_batch_size_overrides_every_family_s_own(tmp_path, monkeypatch, pr
         script.run_stage(name, args, extra)
         parsed = parsers[commands[-1][1]].parse_args(commands[-1][2:])
         assert parsed.batch_size == (prior_batch_size or batch_size), name
+
+
+def test_reuse_keeps_each_seed_s_finished_folder_and_trains_the_rest(tmp_path, monkeypatch):
+    """--reuse with --seeds: a seed's own folder with a best.pth is kept (its recorded time comes back), a seed whose
+    folder has none is trained, with its seed; without --reuse everything is trained."""
+    script = recipe_script()
+    trained = []
+    monkeypatch.setattr(script, 'run_stage', lambda name, args, extra=(), seed=0: trained.append((name, seed)) or 1.0)
+    for folder, seconds in (('prior_vqvae2', 301.0), ('prior_vqvae2_seed2', 302.0)):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / 'best.pth').write_bytes(b'')
+        (tmp_path / folder / 'recipe_seconds.json').write_text(json.dumps({'seconds': seconds}))
+    args = script.build_parser().parse_args(['--out_dir', str(tmp_path), '--reuse', '--seeds', '3'])
+    assert [script.run('prior_vqvae2', args, seed=seed) for seed in range(3)] == [301.0, 1.0, 302.0]
+    assert trained == [('prior_vqvae2', 1)]
+    args.reuse = False
+    assert script.run('prior_vqvae2', args, seed=2) == 1.0 and trained[-1] == ('prior_vqvae2', 2)
+
+
+@pytest.mark.parametrize('flags, fragment', [(['--num_samples', '3'], '--num_samples must be at least 4'),
+                                             (['--temperatures', '0.9,0.8'], '--temperatures must include 1.0'),
+                                             (['--seeds', '0'], '--seeds')])
+def test_flags_that_would_fail_after_the_training_are_refused_first(tmp_path, flags, fragment):
+    result = run_in_process(['bench/reproduce_fashion_mnist.py', '--out_dir', tmp_path / 'out', *flags])
+    assert fragment in assert_one_line_error(result, tmp_path / 'out')
 
 
 def test_reuse_counts_the_training_time_of_the_last_run_in_a_folder_only(tmp_path):
