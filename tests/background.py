@@ -85,7 +85,8 @@ class ForkJob:
 
     The fork shares everything this process imported, so it starts in milliseconds. The session runs with one torch
     thread (conftest.py), so no OpenMP thread pool is copied half-way. The child leaves with os._exit: nothing of the
-    test session runs in it.
+    test session runs in it. It leads its own process group, so stop() also ends the processes it started (the
+    compile run's interpreter).
     """
 
     def __init__(self, fn, folder, name):
@@ -95,6 +96,7 @@ class ForkJob:
         if self.pid == 0:
             code = 1
             try:
+                os.setpgid(0, 0)
                 os.nice(NICENESS)
                 log = open(self.log_path, 'w', buffering=1)
                 os.dup2(log.fileno(), 1)
@@ -109,6 +111,10 @@ class ForkJob:
                 traceback.print_exc()
             finally:
                 os._exit(code)
+        try:  # also here, so that a stop() right after the fork finds the group (setpgid in both: no race)
+            os.setpgid(self.pid, self.pid)
+        except OSError:  # the child has set it already, or has already gone
+            pass
 
     def result(self, timeout=TIMEOUT_S):
         """Wait for the child; what fn returned, or an AssertionError with the child's log if it failed."""
@@ -128,9 +134,12 @@ class ForkJob:
             return pickle.load(f)
 
     def stop(self):
-        """Kill the child if it still runs."""
+        """Kill the child and whatever it started, if it still runs."""
         if self.status is None:
-            os.kill(self.pid, signal.SIGKILL)
+            try:
+                os.killpg(self.pid, signal.SIGKILL)
+            except ProcessLookupError:  # no such group: the child has exited; waitpid reaps it
+                pass
             _, self.status = os.waitpid(self.pid, 0)
 
 
