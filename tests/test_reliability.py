@@ -165,8 +165,10 @@ def test_resume_in_the_folder_of_a_killed_run_works(tmp_path):
 
 def test_sigint_stops_with_one_line_naming_the_last_checkpoint(tmp_path):
     out_dir = tmp_path / 'run'
+    # Ctrl-C as in a terminal: a test session started in the background (`cmd &` in a script) inherits SIGINT
+    # ignored, and Python then leaves it ignored, so the child restores Python's own handler first.
     pid = fork_stage1([*TINY_STAGE1, '--max_steps', '100000', '--epochs', '50', '--out_dir', out_dir],
-                      tmp_path / 'run.log')
+                      tmp_path / 'run.log', before=lambda: signal.signal(signal.SIGINT, signal.default_int_handler))
     wait_for(out_dir / 'last.pth', pid)
     os.kill(pid, signal.SIGINT)
     assert wait_exit_status(pid, 60) == 130
