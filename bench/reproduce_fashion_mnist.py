@@ -32,6 +32,7 @@ sys.path.insert(0, ROOT)
 
 from common.cli import ArgumentParser, positive_int  # noqa: E402
 from common.data import FASHION_MNIST_SYSTEM_DIR, build_dataset, denormalize  # noqa: E402
+from evaluate import MIN_IMAGES  # noqa: E402
 from models import load_model  # noqa: E402
 
 PRIOR_FLAGS = ['--preset', 'small', '--lr_schedule', 'cosine', '--warmup_steps', '50']
@@ -219,7 +220,7 @@ def markdown(evals, wall, conditional_family, temperatures):
                      f"{fmt(scores.get('recall'))} | {cas} | {wall[prior_name]:.0f} |")
     lines += ['', '| prior | ' + ' | '.join(f'FID at temperature {t:g}' for t in temperatures) + ' |',
               '|---|' + '---|' * len(temperatures)]
-    for prior_name in ('prior_vqvae2', 'prior_vqvae2_transformer'):
+    for prior_name, _ in COMPARED:
         lines.append(f'| {prior_name} | ' + ' | '.join(fmt(evals[f'{prior_name}_t{t:g}']['scores'].get('fid'))
                                                       for t in temperatures) + ' |')
     floor = evals['prior_vqvae2_t1']['scores'].get('fid_train_vs_test')
@@ -248,8 +249,8 @@ def main(args):
     started = time.time()
     commands = [evaluate_command(args, 'vq_vae', 'prior_vqvae'),
                 evaluate_command(args, 'vq_vae2', 'prior_vqvae2_classes')]
-    commands += [evaluate_command(args, 'vq_vae2', prior_name, t) for prior_name in
-                 ('prior_vqvae2', 'prior_vqvae2_transformer') for t in args.temperatures]
+    commands += [evaluate_command(args, 'vq_vae2', prior_name, t) for prior_name, _ in COMPARED
+                 for t in args.temperatures]
     commands += [evaluate_command(args, 'vq_vae2', folder(prior_name, seed), num_samples=0)
                  for seed in range(1, args.seeds) for prior_name, _ in COMPARED]  # bits per code only
     evals = run_evaluations(args, commands)
@@ -272,8 +273,8 @@ class Parser(ArgumentParser):
 
     def parse_args(self, args=None, namespace=None):
         parsed = super().parse_args(args, namespace)
-        if parsed.num_samples < 4:
-            self.error(f'--num_samples must be at least 4 (evaluate.py\'s precision and recall), got '
+        if parsed.num_samples < MIN_IMAGES:
+            self.error(f'--num_samples must be at least {MIN_IMAGES} (evaluate.py\'s precision and recall), got '
                        f'{parsed.num_samples}')
         if 1.0 not in parsed.temperatures:
             self.error('--temperatures must include 1.0, the temperature of the results table')

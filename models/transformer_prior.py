@@ -13,7 +13,7 @@ one uniform number per row, so with the same generator they draw identical codes
 """
 
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Optional
 
@@ -104,14 +104,13 @@ class CausalSelfAttention(nn.Module):
         q, kv = self.qkv(x).split([C, 2 * nkv * hs], dim=2)
         q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         k, v = kv.view(B, T, 2, nkv, hs).permute(2, 0, 3, 1, 4)  # (B, n_kv, T, hs) each
-        if x.device.type == 'cpu' and torch.is_autocast_enabled('cpu'):
-            # On a CPU the fused kernel's bfloat16 backward took about four times its float32 time, which made a step
-            # under --amp bf16 slower than without: there attention runs in float32, the matrix products around it
-            # in bfloat16.
-            with torch.autocast('cpu', enabled=False):
-                y = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=self.causal,
-                                                   enable_gqa=nkv < nh)
-        else:
+        # On a CPU the fused kernel's bfloat16 backward took about four times its float32 time, which made a step
+        # under --amp bf16 slower than without: there attention runs in float32, the matrix products around it in
+        # bfloat16.
+        cpu_autocast = x.device.type == 'cpu' and torch.is_autocast_enabled('cpu')
+        if cpu_autocast:
+            q, k, v = q.float(), k.float(), v.float()
+        with torch.autocast('cpu', enabled=False) if cpu_autocast else nullcontext():
             y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, enable_gqa=nkv < nh)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C): heads side by side again
         return self.resid_drop(self.proj(y))
